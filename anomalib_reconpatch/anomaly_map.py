@@ -1,0 +1,47 @@
+"""From patch distances to an image score and an anomaly map, as in PatchCore.
+
+The map reuses anomalib's PatchCore generator (nearest upsampling, Gaussian blur sigma=4);
+the image score keeps PatchCore's re-weighting of the most anomalous patch.
+"""
+
+from __future__ import annotations
+
+import torch
+from anomalib.models.image.patchcore.anomaly_map import AnomalyMapGenerator
+from torch.nn import functional as F  # noqa: N812
+
+__all__ = ["AnomalyMapGenerator", "reweighted_image_score"]
+
+
+def reweighted_image_score(
+    patch_scores: torch.Tensor,
+    nearest: torch.Tensor,
+    embedding: torch.Tensor,
+    memory_bank: torch.Tensor,
+    num_neighbors: int,
+) -> torch.Tensor:
+    """PatchCore's image score: the largest patch distance, damped when its bank neighbour is isolated.
+
+    Args:
+        patch_scores: ``B x P`` nearest-neighbour distances.
+        nearest: ``B x P`` index of each patch's nearest bank row.
+        embedding: ``B x P x D`` patch embeddings.
+        memory_bank: ``M x D`` bank.
+        num_neighbors: support size; 1 returns the plain maximum.
+    """
+    max_scores, max_patches = patch_scores.max(dim=1)
+    if num_neighbors <= 1:
+        return max_scores
+    batch = torch.arange(patch_scores.shape[0], device=patch_scores.device)
+    max_features = embedding[batch, max_patches]
+    bank_neighbour = memory_bank[nearest[batch, max_patches]]
+    support_size = min(num_neighbors, memory_bank.shape[0])
+    support = squared_bank_distances(bank_neighbour, memory_bank).topk(support_size, dim=1, largest=False).indices
+    support_dist = (max_features[:, None, :] - memory_bank[support]).pow(2).sum(-1).clamp_min(0).sqrt()
+    weights = 1.0 - F.softmax(support_dist, dim=1)[:, 0]
+    return weights * max_scores
+
+
+def squared_bank_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """``Q x M`` squared distances through one matmul (exportable, unlike ``cdist``)."""
+    return (queries.pow(2).sum(-1, keepdim=True) - 2.0 * queries @ bank.T + bank.pow(2).sum(-1)[None, :]).clamp_min(0)

@@ -1,0 +1,64 @@
+"""The ``reconpatch`` command: the project's own tools. Training and export stay on the stock ``anomalib`` CLI."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _weights(args: argparse.Namespace) -> int:
+    from .weights import write_lite_weights
+
+    for variant in args.variants:
+        written = write_lite_weights(variant)
+        state = "wrote" if written.changed else "already present"
+        print(f"{written.model_name}: {state} {written.path}")
+    print("timm and anomalib now load these backbones with pretrained=True, offline.")
+    return 0
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from .demo_data import DemoConfig, write_demo_dataset
+
+    config = DemoConfig(image_size=args.image_size, seed=args.seed)
+    counts = write_demo_dataset(args.dir, tuple(args.categories), config)
+    for category, splits in counts.items():
+        summary = ", ".join(f"{split} {n}" for split, n in splits.items())
+        print(f"{args.dir}/{category}: {summary}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Argument parser of every ``reconpatch`` sub-command."""
+    from .demo_data import TEXTURES
+    from .weights import LITE_VARIANTS
+
+    parser = argparse.ArgumentParser(prog="reconpatch", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    weights = commands.add_parser("weights", help="install offline ImageNet EfficientNet-Lite weights for timm")
+    weights.add_argument("--variants", type=int, nargs="+", choices=LITE_VARIANTS, default=list(LITE_VARIANTS))
+    weights.set_defaults(run=_weights)
+
+    demo = commands.add_parser("demo-data", help="write the demo data set (MVTec layout) from real texture photos")
+    demo.add_argument("dir", help="output folder; one sub-folder per texture category")
+    demo.add_argument("--categories", nargs="+", choices=TEXTURES, default=list(TEXTURES))
+    demo.add_argument("--image-size", type=int, default=128)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo_data)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``reconpatch`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        print(f"reconpatch {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""ReConPatch as an anomalib model (Hyun et al., WACV 2024).
+
+Training has three phases inside one Lightning epoch:
+1. ``training_step`` runs the frozen backbone once over every training image and keeps the
+   PatchCore patch features (the backbone never runs again).
+2. ``fit`` trains the linear representation ``f`` and projection ``g`` on random mini-batches of
+   those patches with the relaxed contrastive loss; pseudo-labels come from EMA copies of f and g.
+3. ``fit`` then builds the memory bank: a greedy k-center coreset of ``f(patch features)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule, MemoryBankMixin
+from anomalib.models.image.patchcore import Patchcore
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+
+from .coreset import FastKCenterGreedy
+from .loss import RelaxedContrastiveLoss
+from .similarity import pseudo_labels
+from .torch_model import ReConPatchModel, ema_update
+
+logger = logging.getLogger(__name__)
+
+
+def _check_range(name: str, value: float, ok: bool, expected: str) -> None:
+    if not ok:
+        msg = f"ReConPatch: {name}={value!r} is out of range; expected {expected} (set --model.{name})."
+        raise ValueError(msg)
+
+
+def validate_hyperparameters(params: dict[str, Any]) -> None:
+    """Reject out-of-range settings at construction, before any backbone is built."""
+    _check_range("k", params["k"], isinstance(params["k"], int) and params["k"] >= 1, "an integer >= 1")
+    _check_range("alpha", params["alpha"], 0.0 <= params["alpha"] <= 1.0, "0 <= alpha <= 1")
+    _check_range("margin", params["margin"], params["margin"] > 0, "margin > 0")
+    _check_range("sigma", params["sigma"], params["sigma"] > 0, "sigma > 0")
+    _check_range("momentum", params["momentum"], 0.0 <= params["momentum"] < 1.0, "0 <= momentum < 1")
+    ratio = params["coreset_sampling_ratio"]
+    _check_range("coreset_sampling_ratio", ratio, 0.0 < ratio <= 1.0, "0 < ratio <= 1")
+    _check_range("num_steps", params["num_steps"], params["num_steps"] >= 0, "an integer >= 0")
+    batch = params["patches_per_step"]
+    _check_range("patches_per_step", batch, batch > params["k"], f"an integer > k ({params['k']})")
+    _check_range("learning_rate", params["learning_rate"], params["learning_rate"] > 0, "learning_rate > 0")
+    _check_range("weight_decay", params["weight_decay"], params["weight_decay"] >= 0, "weight_decay >= 0")
+    _check_range("projection_dim", params["projection_dim"], params["projection_dim"] >= 1, "an integer >= 1")
+    _check_range("num_neighbors", params["num_neighbors"], params["num_neighbors"] >= 1, "an integer >= 1")
+
+
+class ReConPatch(MemoryBankMixin, AnomalibModule):
+    """ReConPatch: contrastive patch representation learning on top of PatchCore features.
+
+    Args:
+        backbone: timm backbone (frozen). ``tf_efficientnet_lite0`` works offline after ``reconpatch weights``.
+        layers: backbone layers whose features are concatenated.
+        pre_trained: load ImageNet weights for the backbone.
+        embedding_dim: adaptive-average-pool patch features to this size (the paper uses 1024); None keeps all.
+        projection_dim: output size of the projection ``g`` used only by the loss.
+        num_steps: optimizer steps of representation training (0 gives PatchCore in ``f``'s identity space).
+        patches_per_step: patches in each training mini-batch, drawn from all training images.
+        learning_rate: AdamW learning rate (cosine-annealed to 0 over ``num_steps``).
+        weight_decay: AdamW weight decay.
+        k: neighbourhood size of the contextual similarity.
+        alpha: weight of the pairwise similarity; ``1 - alpha`` goes to the contextual one.
+        margin: margin ``m`` of the relaxed contrastive loss, on relative distances.
+        sigma: Gaussian kernel width of the pairwise similarity, in units of the batch's mean squared
+            distance to the k-th neighbour (see the model README for why).
+        momentum: EMA momentum ``gamma`` of the target networks.
+        coreset_sampling_ratio: fraction of training patches kept in the memory bank.
+        num_neighbors: support size of PatchCore's image-score re-weighting.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] = ("layer2", "layer3"),
+        pre_trained: bool = True,
+        embedding_dim: int | None = None,
+        projection_dim: int = 128,
+        num_steps: int = 1000,
+        patches_per_step: int = 512,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 1e-2,
+        k: int = 5,
+        alpha: float = 0.5,
+        margin: float = 1.0,
+        sigma: float = 1.0,
+        momentum: float = 0.999,
+        coreset_sampling_ratio: float = 0.1,
+        num_neighbors: int = 9,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        validate_hyperparameters(locals())
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.model: ReConPatchModel = ReConPatchModel(
+            backbone=backbone,
+            layers=layers,
+            pre_trained=pre_trained,
+            embedding_dim=embedding_dim,
+            num_neighbors=num_neighbors,
+        )
+        self.projection_dim = projection_dim
+        self.num_steps = num_steps
+        self.patches_per_step = patches_per_step
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.k = k
+        self.alpha = alpha
+        self.sigma = sigma
+        self.momentum = momentum
+        self.coreset_sampling_ratio = coreset_sampling_ratio
+        self.loss = RelaxedContrastiveLoss(margin)
+        self.feature_store: list[torch.Tensor] = []
+        self.fit_timings: dict[str, float] = {}
+        self._epoch_start = 0.0
+
+    @classmethod
+    def configure_pre_processor(
+        cls,
+        image_size: tuple[int, int] | None = None,
+        center_crop_size: tuple[int, int] | None = None,
+    ) -> PreProcessor:
+        """Same as PatchCore: resize (default 256x256), optional centre crop, ImageNet normalisation."""
+        return Patchcore.configure_pre_processor(image_size, center_crop_size)
+
+    @staticmethod
+    def configure_optimizers() -> None:
+        """No Lightning-managed optimizer: ``fit`` trains f and g on cached features (see
+        :meth:`configure_representation_optimizer`)."""
+        return
+
+    def configure_representation_optimizer(
+        self, parameters: list[nn.Parameter]
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """AdamW with a cosine schedule over ``num_steps``."""
+        optimizer = torch.optim.AdamW(parameters, lr=self.learning_rate, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(self.num_steps, 1))
+        return optimizer, scheduler
+
+    def on_train_epoch_start(self) -> None:
+        """Start the feature-extraction clock; drop features of an earlier, interrupted run."""
+        self.feature_store.clear()
+        self._epoch_start = time.perf_counter()
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> torch.Tensor:
+        """Run the frozen backbone once on the batch and keep its patch features for ``fit``."""
+        del args, kwargs
+        self.feature_store.append(self.model(batch.image).detach().cpu())
+        return torch.tensor(0.0, requires_grad=True, device=self.device)
+
+    def fit(self) -> None:
+        """Train the representation on the stored patch features, then build the coreset memory bank."""
+        if not self.feature_store:
+            msg = "ReConPatch has no training features: the training dataloader yielded no images."
+            raise ValueError(msg)
+        features_s = time.perf_counter() - self._epoch_start
+        features = torch.cat(self.feature_store)
+        self.feature_store.clear()
+        if not torch.isfinite(features).all():
+            msg = "The backbone produced NaN or inf patch features: check the training images and normalisation."
+            raise FloatingPointError(msg)
+        start = time.perf_counter()
+        with torch.inference_mode(False), torch.enable_grad():
+            self.train_representation(features)
+        representation_s = time.perf_counter() - start
+        start = time.perf_counter()
+        with torch.no_grad():
+            embedded = torch.cat([self.model.embed(chunk.to(self.device)) for chunk in features.split(65536)])
+        del features
+        self.model.memory_bank = FastKCenterGreedy(embedded, self.coreset_sampling_ratio).sample_coreset()
+        self.fit_timings = {
+            "features_s": features_s,
+            "representation_s": representation_s,
+            "coreset_s": time.perf_counter() - start,
+        }
+        logger.info("ReConPatch fit: %s, memory bank %s", self.fit_timings, tuple(self.model.memory_bank.shape))
+
+    def train_representation(self, features: torch.Tensor) -> None:
+        """Relaxed contrastive training of ``f`` (kept) and ``g`` (discarded) on random patch mini-batches."""
+        n = features.shape[0]
+        if n <= self.k:
+            msg = f"ReConPatch needs more than k={self.k} training patches, got {n}: add images or lower --model.k."
+            raise ValueError(msg)
+        online_f = self.model.representation
+        online_g = nn.Linear(online_f.out_features, self.projection_dim).to(self.device)
+        target_f, target_g = copy.deepcopy(online_f).requires_grad_(False), copy.deepcopy(online_g).requires_grad_(False)
+        optimizer, scheduler = self.configure_representation_optimizer([*online_f.parameters(), *online_g.parameters()])
+        batch_size = min(self.patches_per_step, n)
+        tick = time.perf_counter()
+        for step in range(self.num_steps):
+            x = features[torch.randint(n, (batch_size,))].to(self.device)
+            with torch.no_grad():
+                weights = pseudo_labels(target_g(target_f(x)), self.k, self.alpha, self.sigma)
+            loss = self.loss(online_g(online_f(x)), weights)
+            if not math.isfinite(loss.item()):
+                msg = (
+                    f"ReConPatch representation training diverged at step {step + 1}/{self.num_steps} "
+                    f"(loss {loss.item()}): lower --model.learning_rate or check the training images."
+                )
+                raise FloatingPointError(msg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            ema_update(target_f, online_f, self.momentum)
+            ema_update(target_g, online_g, self.momentum)
+            if time.perf_counter() - tick > 10 or step + 1 == self.num_steps:
+                logger.info("ReConPatch representation step %d/%d, loss %.4f", step + 1, self.num_steps, loss.item())
+                tick = time.perf_counter()
+        online_f.requires_grad_(False)
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Score a batch: anomaly maps and image scores from nearest memory-bank distances."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """One pass over the images (the representation trains inside ``fit``), as PatchCore."""
+        return {"gradient_clip_val": 0, "max_epochs": 1, "num_sanity_val_steps": 0, "devices": 1}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """Trains on normal images only."""
+        return LearningType.ONE_CLASS
+
+    @staticmethod
+    def configure_post_processor() -> PostProcessor:
+        """anomalib's one-class post-processor (adaptive thresholds, min-max normalisation)."""
+        return PostProcessor()

