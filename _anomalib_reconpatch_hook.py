@@ -13,7 +13,7 @@ _TRIGGER = "anomalib.models"
 class _ReConPatchRegistrar:
     """A ``sys.meta_path`` finder that wraps the loader of ``anomalib.models`` once."""
 
-    def find_spec(self, fullname, path=None, target=None):  # noqa: ANN001, ANN201
+    def find_spec(self, fullname: str, path: object = None, target: object = None) -> object:
         if fullname != _TRIGGER:
             return None
         sys.meta_path.remove(self)

@@ -28,6 +28,7 @@ def reweighted_image_score(
         embedding: ``B x P x D`` patch embeddings.
         memory_bank: ``M x D`` bank.
         num_neighbors: support size; 1 returns the plain maximum.
+
     """
     max_scores, max_patches = patch_scores.max(dim=1)
     if num_neighbors <= 1:

@@ -29,6 +29,40 @@ def _demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_assignments(pairs: Sequence[str]) -> dict:
+    """``name=value`` pairs with YAML values (``num_steps=300``, ``embedding_dim=null``)."""
+    import yaml
+
+    parsed = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            msg = f"--reconpatch expects NAME=VALUE, got '{pair}'"
+            raise ValueError(msg)
+        parsed[name] = yaml.safe_load(value)
+    return parsed
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .compare import CompareSettings, compare
+
+    settings = CompareSettings(
+        data=Path(args.data),
+        out=Path(args.out),
+        models=args.models,
+        backbone=args.backbone,
+        layers=args.layers,
+        coreset_ratio=args.coreset_ratio,
+        image_size=args.image_size,
+        seed=args.seed,
+        reconpatch_args=_parse_assignments(args.reconpatch),
+    )
+    compare(settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of every ``reconpatch`` sub-command."""
     from .demo_data import TEXTURES
@@ -47,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--image-size", type=int, default=128)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo_data)
+
+    cmp = commands.add_parser("compare", help="train and test ReConPatch and PatchCore on the same data; one report")
+    cmp.add_argument("--data", required=True, help="datamodule YAML (class_path + init_args), e.g. configs/data/*.yaml")
+    cmp.add_argument("--models", nargs="+", default=["ReConPatch", "Patchcore"])
+    cmp.add_argument("--backbone", default="tf_efficientnet_lite0")
+    cmp.add_argument("--layers", nargs="+", default=["blocks.2", "blocks.4"])
+    cmp.add_argument("--coreset-ratio", type=float, default=0.1)
+    cmp.add_argument("--image-size", type=int, default=256)
+    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--reconpatch", nargs="*", default=[], metavar="NAME=VALUE", help="ReConPatch-only arguments")
+    cmp.add_argument("--out", required=True, help="output folder for report.md, report.json, roc.png, heatmaps.png")
+    cmp.set_defaults(run=_compare)
     return parser
 
 

@@ -26,10 +26,12 @@ def _balls(features: torch.Tensor, ball_size: int, generator: torch.Generator) -
     centres = features[torch.randperm(n, generator=generator)[:n_clusters]]
     norms = features.pow(2).sum(1, keepdim=True)
     for _ in range(2):
-        assign = torch.cat([
-            (norms[s : s + 8192] - 2 * features[s : s + 8192] @ centres.T + centres.pow(2).sum(1)).argmin(1)
-            for s in range(0, n, 8192)
-        ])
+        assign = torch.cat(
+            [
+                (norms[s : s + 8192] - 2 * features[s : s + 8192] @ centres.T + centres.pow(2).sum(1)).argmin(1)
+                for s in range(0, n, 8192)
+            ]
+        )
         sums = torch.zeros_like(centres).index_add_(0, assign, features)
         counts = torch.bincount(assign, minlength=n_clusters).clamp_min(1)[:, None]
         centres = sums / counts
@@ -103,7 +105,9 @@ def greedy_k_center(
         ball_max[ball] = mind[ball].amax()
         centre = features[chosen]
         if time.monotonic() - tick > 10:
-            logger.info("coreset: %d/%d selected, %.1f of %d balls scanned per step", step, n_select, scanned / step, n_balls)
+            logger.info(
+                "coreset: %d/%d selected, %.1f of %d balls scanned per step", step, n_select, scanned / step, n_balls
+            )
             tick = time.monotonic()
     return selected
 

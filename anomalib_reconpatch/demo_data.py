@@ -128,7 +128,9 @@ def write_category(root: Path, name: str, config: DemoConfig) -> dict[str, int]:
     counts: dict[str, int] = {}
     (folder / "train" / "good").mkdir(parents=True, exist_ok=True)
     for i in range(config.n_train):
-        _save_rgb(np.repeat(random_crop(train_photo, size, rng)[..., None], 3, 2), folder / "train/good" / f"{i:03d}.png")
+        _save_rgb(
+            np.repeat(random_crop(train_photo, size, rng)[..., None], 3, 2), folder / "train/good" / f"{i:03d}.png"
+        )
     counts["train/good"] = config.n_train
     (folder / "test" / "good").mkdir(parents=True, exist_ok=True)
     for i in range(config.n_test_good):
@@ -151,7 +153,9 @@ def write_category(root: Path, name: str, config: DemoConfig) -> dict[str, int]:
     return counts
 
 
-def write_demo_dataset(root: str | Path, categories: tuple[str, ...] = TEXTURES, config: DemoConfig | None = None) -> dict:
+def write_demo_dataset(
+    root: str | Path, categories: tuple[str, ...] = TEXTURES, config: DemoConfig | None = None
+) -> dict:
     """Write the demo set under ``root/<category>``; deterministic for ``config.seed``."""
     config = config or DemoConfig()
     root = Path(root)

@@ -82,6 +82,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         momentum: EMA momentum ``gamma`` of the target networks.
         coreset_sampling_ratio: fraction of training patches kept in the memory bank.
         num_neighbors: support size of PatchCore's image-score re-weighting.
+
     """
 
     def __init__(
@@ -147,8 +148,10 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
 
     @staticmethod
     def configure_optimizers() -> None:
-        """No Lightning-managed optimizer: ``fit`` trains f and g on cached features (see
-        :meth:`configure_representation_optimizer`)."""
+        """No Lightning-managed optimizer: ``fit`` trains f and g on cached features.
+
+        See :meth:`configure_representation_optimizer` for the optimizer it uses.
+        """
         return
 
     def configure_representation_optimizer(
@@ -164,7 +167,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         self.feature_store.clear()
         self._epoch_start = time.perf_counter()
 
-    def training_step(self, batch: Batch, *args, **kwargs) -> torch.Tensor:
+    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Run the frozen backbone once on the batch and keep its patch features for ``fit``."""
         del args, kwargs
         self.feature_store.append(self.model(batch.image).detach().cpu())
@@ -205,7 +208,10 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
             raise ValueError(msg)
         online_f = self.model.representation
         online_g = nn.Linear(online_f.out_features, self.projection_dim).to(self.device)
-        target_f, target_g = copy.deepcopy(online_f).requires_grad_(False), copy.deepcopy(online_g).requires_grad_(False)
+        target_f, target_g = (
+            copy.deepcopy(online_f).requires_grad_(False),
+            copy.deepcopy(online_g).requires_grad_(False),
+        )
         optimizer, scheduler = self.configure_representation_optimizer([*online_f.parameters(), *online_g.parameters()])
         batch_size = min(self.patches_per_step, n)
         tick = time.perf_counter()
@@ -231,7 +237,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
                 tick = time.perf_counter()
         online_f.requires_grad_(False)
 
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+    def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Score a batch: anomaly maps and image scores from nearest memory-bank distances."""
         del args, kwargs
         predictions = self.model(batch.image)
@@ -249,5 +255,5 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:
-        """anomalib's one-class post-processor (adaptive thresholds, min-max normalisation)."""
+        """Anomalib's one-class post-processor (adaptive thresholds, min-max normalisation)."""
         return PostProcessor()

@@ -37,7 +37,9 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
         t.lerp_(o, 1.0 - momentum)
 
 
-def nearest_bank_rows(embedding: torch.Tensor, bank: torch.Tensor, chunk: int = SEARCH_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_bank_rows(
+    embedding: torch.Tensor, bank: torch.Tensor, chunk: int = SEARCH_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact nearest bank row for each query row: (distance, index).
 
     The bank is scanned in fixed chunks so the full query-by-bank distance matrix never
@@ -68,6 +70,7 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         pre_trained: load ImageNet weights (needed for meaningful features).
         embedding_dim: if set, adaptive-average-pool the concatenated channels to this size.
         num_neighbors: PatchCore's image-score re-weighting support size.
+
     """
 
     def __init__(
@@ -108,7 +111,9 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         resized = [pooled[0]] + [F.interpolate(f, size=size, mode="bilinear") for f in pooled[1:]]
         embedding = torch.cat(resized, dim=1)
         if self.embedding_dim != embedding.shape[1]:
-            embedding = F.adaptive_avg_pool1d(embedding.permute(0, 2, 3, 1).flatten(0, 2)[:, None, :], self.embedding_dim)
+            embedding = F.adaptive_avg_pool1d(
+                embedding.permute(0, 2, 3, 1).flatten(0, 2)[:, None, :], self.embedding_dim
+            )
             embedding = embedding.reshape(resized[0].shape[0], size[0], size[1], -1).permute(0, 3, 1, 2)
         return embedding
 

@@ -94,7 +94,7 @@ def timm_lite_state_dict(variant: int) -> dict[str, torch.Tensor]:
 
 def _revision_for(payload: bytes) -> str:
     """A stable pseudo commit hash: the same weights always land in the same snapshot folder."""
-    return hashlib.sha1(payload).hexdigest()  # noqa: S324 - a content id, not security
+    return hashlib.sha1(payload).hexdigest()
 
 
 def write_lite_weights(variant: int) -> WrittenWeights:

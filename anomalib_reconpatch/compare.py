@@ -1,0 +1,398 @@
+"""``reconpatch compare``: train and test ReConPatch and stock PatchCore on the same data, one report.
+
+Both models go through anomalib's own ``Engine`` and ``Evaluator`` with the same datamodule,
+backbone, layers, image size, coreset ratio and seed, one after the other in one process.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+METRIC_KEYS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_PRO")
+TIMING_KEYS = ("fit_s", "features_s", "representation_s", "coreset_s", "test_s", "latency_ms", "peak_rss_mb")
+MAP_SIZE = 128
+
+
+@dataclass
+class CompareSettings:
+    """Everything the two runs share, plus ReConPatch-only overrides."""
+
+    data: Path
+    out: Path
+    models: list[str] = field(default_factory=lambda: ["ReConPatch", "Patchcore"])
+    backbone: str = "tf_efficientnet_lite0"
+    layers: list[str] = field(default_factory=lambda: ["blocks.2", "blocks.4"])
+    coreset_ratio: float = 0.1
+    image_size: int = 256
+    seed: int = 0
+    reconpatch_args: dict[str, Any] = field(default_factory=dict)
+    latency_images: int = 16
+
+
+def load_datamodule_config(path: Path) -> dict[str, Any]:
+    """Read a stock-CLI datamodule YAML (``class_path`` + ``init_args``), with errors that name the file."""
+    if not path.is_file():
+        msg = f"Data config {path} does not exist: pass a YAML file with class_path and init_args (see configs/data/)."
+        raise FileNotFoundError(msg)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        msg = f"Data config {path} is not valid YAML: {error}"
+        raise ValueError(msg) from error
+    if not isinstance(config, dict) or "class_path" not in config:
+        msg = f"Data config {path} needs a top-level 'class_path' (e.g. anomalib.data.MVTecAD) and 'init_args'."
+        raise ValueError(msg)
+    return config
+
+
+def build_datamodule(config: dict[str, Any], seed: int) -> Any:  # noqa: ANN401 - any AnomalibDataModule
+    """Instantiate the datamodule class named by ``class_path`` (short anomalib names work too)."""
+    from anomalib.data import AnomalibDataModule
+
+    class_path = config["class_path"]
+    module_name, _, class_name = class_path.rpartition(".")
+    module = importlib.import_module(module_name or "anomalib.data")
+    datamodule_class = getattr(module, class_name, None)
+    if not (isinstance(datamodule_class, type) and issubclass(datamodule_class, AnomalibDataModule)):
+        msg = f"class_path '{class_path}' is not an anomalib datamodule (for example anomalib.data.MVTecAD or Folder)."
+        raise ValueError(msg)
+    init_args = dict(config.get("init_args") or {})
+    init_args.setdefault("seed", seed)
+    return datamodule_class(**init_args)
+
+
+def make_evaluator() -> Any:  # noqa: ANN401
+    """anomalib's metrics: image AUROC and F1 (adaptive threshold), pixel AUROC and PRO (AUPRO to 30% FPR)."""
+    from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
+
+    pro = AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", fpr_limit=0.3, strict=False)
+    pro.name = "pixel_PRO"
+    return Evaluator(
+        test_metrics=[
+            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+            F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
+            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            pro,
+        ]
+    )
+
+
+def build_model(name: str, settings: CompareSettings) -> Any:  # noqa: ANN401
+    """ReConPatch or any anomalib memory-bank model by class name, on the shared settings."""
+    from anomalib.models import get_model
+
+    import anomalib_reconpatch  # noqa: F401 - registers ReConPatch among AnomalibModule subclasses
+
+    model_class = type(get_model(name, backbone=settings.backbone, layers=settings.layers, pre_trained=False))
+    kwargs: dict[str, Any] = {
+        "backbone": settings.backbone,
+        "layers": settings.layers,
+        "coreset_sampling_ratio": settings.coreset_ratio,
+        "pre_processor": model_class.configure_pre_processor(image_size=(settings.image_size, settings.image_size)),
+        "evaluator": make_evaluator(),
+        "visualizer": False,
+    }
+    if model_class.__name__ == "ReConPatch":
+        kwargs.update(settings.reconpatch_args)
+    return model_class(**kwargs)
+
+
+class PhaseTimer(Callback):
+    """Times feature extraction (the training epoch) and the model's ``fit`` (representation + coreset)."""
+
+    def __init__(self) -> None:
+        self.epoch_start = 0.0
+        self.features_s = 0.0
+        self.fit_s = 0.0
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Wrap the model's ``fit`` once so its duration is measured exactly."""
+        del trainer
+        if stage != "fit" or getattr(pl_module, "_timed_fit", False):
+            return
+        original: Callable[[], None] = pl_module.fit
+
+        def timed_fit() -> None:
+            start = time.perf_counter()
+            self.features_s = start - self.epoch_start
+            original()
+            self.fit_s = time.perf_counter() - start
+
+        pl_module.fit = timed_fit
+        pl_module._timed_fit = True  # noqa: SLF001
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Feature extraction starts with the epoch."""
+        del trainer, pl_module
+        self.epoch_start = time.perf_counter()
+
+
+class TestRecorder(Callback):
+    """Keeps per-image scores, labels, paths and small anomaly maps of the test run."""
+
+    def __init__(self) -> None:
+        self.scores: list[float] = []
+        self.labels: list[int] = []
+        self.paths: list[str] = []
+        self.maps: list[torch.Tensor] = []
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any) -> None:  # noqa: ANN401
+        """Record one batch of predictions."""
+        del trainer, pl_module, args
+        self.scores += outputs.pred_score.flatten().tolist()
+        self.labels += outputs.gt_label.flatten().int().tolist()
+        self.paths += list(outputs.image_path)
+        maps = torch.nn.functional.interpolate(
+            outputs.anomaly_map.reshape(-1, 1, *outputs.anomaly_map.shape[-2:]),
+            size=(MAP_SIZE, MAP_SIZE),
+            mode="bilinear",
+        )
+        self.maps += list(maps[:, 0].float().cpu())
+
+
+@contextmanager
+def peak_rss() -> Iterator[dict[str, float]]:
+    """Sample this process's resident memory every 20 ms; yields a dict that gets ``peak_rss_mb``."""
+    import psutil
+
+    process, result, stop = psutil.Process(), {"peak_rss_mb": 0.0}, threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            result["peak_rss_mb"] = max(result["peak_rss_mb"], process.memory_info().rss / 2**20)
+            stop.wait(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+
+
+def image_latency_ms(model: Any, datamodule: Any, count: int) -> float:  # noqa: ANN401
+    """Median wall time of the full forward (pre-processing, model, post-processing) at batch size 1."""
+    model.eval()
+    images = []
+    for batch in datamodule.test_dataloader():
+        images += list(batch.image)
+        if len(images) >= count:
+            break
+    times = []
+    with torch.no_grad():
+        model(images[0][None])  # warm-up
+        for image in images[:count]:
+            start = time.perf_counter()
+            model(image[None])
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def run_one(name: str, settings: CompareSettings, data_config: dict[str, Any], log: Callable[[str], None]) -> dict:
+    """Train and test one model; returns its metrics, timings and the recorder of its test outputs."""
+    from anomalib.engine import Engine
+    from lightning.pytorch import seed_everything
+
+    seed_everything(settings.seed, workers=True)
+    datamodule = build_datamodule(data_config, settings.seed)
+    model = build_model(name, settings)
+    timer, recorder = PhaseTimer(), TestRecorder()
+    engine = Engine(
+        default_root_dir=settings.out / "runs" / name,
+        logger=False,
+        callbacks=[timer, recorder],
+        enable_progress_bar=False,
+    )
+    with peak_rss() as memory:
+        log(f"[{name}] fit: features, then {'representation training and ' if name == 'ReConPatch' else ''}coreset")
+        engine.fit(model=model, datamodule=datamodule)
+        log(f"[{name}] test")
+        start = time.perf_counter()
+        metrics = engine.test(model=model, datamodule=datamodule)[0]
+        test_s = time.perf_counter() - start
+        latency = image_latency_ms(model, datamodule, settings.latency_images)
+    timings = getattr(model, "fit_timings", {})
+    representation_s = timings.get("representation_s", 0.0)
+    coreset_s = timings.get("coreset_s", timer.fit_s)
+    result = {key: float(metrics[key]) for key in METRIC_KEYS if key in metrics}
+    result.update(
+        fit_s=timer.features_s + timer.fit_s,
+        features_s=timer.features_s,
+        representation_s=representation_s,
+        coreset_s=coreset_s,
+        test_s=test_s,
+        latency_ms=latency,
+        peak_rss_mb=memory["peak_rss_mb"],
+        memory_bank=list(model.model.memory_bank.shape),
+        test_images=len(recorder.scores),
+    )
+    log(f"[{name}] " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float)))
+    del model, engine
+    gc.collect()
+    return {"result": result, "engine_metrics": metrics, "recorder": recorder}
+
+
+def versions() -> dict[str, Any]:
+    """Library versions and CPU count, for the report."""
+    import anomalib
+    import openvino
+    import timm
+
+    return {
+        "anomalib": anomalib.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "openvino": openvino.get_version(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def markdown_table(models: dict[str, dict]) -> str:
+    """Side-by-side table; the difference column is first model minus second."""
+    names = list(models)
+    head = "| metric | " + " | ".join(names) + (" | difference |" if len(names) == 2 else " |")
+    rule = "|---" * (len(names) + 1 + (len(names) == 2)) + "|"
+    rows = [head, rule]
+    for key in (*METRIC_KEYS, *TIMING_KEYS, "memory_bank"):
+        values = [models[n].get(key) for n in names]
+        if all(v is None for v in values):
+            continue
+        cells = [
+            " x ".join(map(str, v)) if isinstance(v, list) else f"{v:.3f}" if v is not None else "-" for v in values
+        ]
+        if len(names) == 2:
+            numeric = all(isinstance(v, float) for v in values)
+            cells.append(f"{values[0] - values[1]:+.3f}" if numeric else "")
+        rows.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot_roc(recorders: dict[str, TestRecorder], path: Path) -> None:
+    """Image-level ROC curves of all models in one figure."""
+    import matplotlib as mpl
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, rec in recorders.items():
+        if len(set(rec.labels)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(rec.labels, rec.scores)
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(rec.labels, rec.scores):.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="Image-level ROC")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def pick_examples(rec: TestRecorder, count: int = 6) -> list[int]:
+    """A few anomalous images (one per defect folder first) and two normal ones, deterministic."""
+    by_folder: dict[str, list[int]] = {}
+    for i in sorted(range(len(rec.paths)), key=lambda i: rec.paths[i]):
+        by_folder.setdefault(Path(rec.paths[i]).parent.name, []).append(i)
+    normal = [i for i in range(len(rec.labels)) if rec.labels[i] == 0]
+    anomalous = [ids[0] for ids in by_folder.values() if rec.labels[ids[0]] == 1]
+    picked = anomalous[: count - 2] + sorted(normal, key=lambda i: rec.paths[i])[:2]
+    return picked[:count]
+
+
+def find_mask(image_path: str) -> Path | None:
+    """The MVTec-style ground-truth mask of a test image, if there is one."""
+    path = Path(image_path)
+    for candidate in (
+        path.parents[2] / "ground_truth" / path.parent.name / f"{path.stem}_mask.png",
+        path.parents[2] / "ground_truth" / path.parent.name / f"{path.stem}.png",
+    ):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def plot_heatmaps(recorders: dict[str, TestRecorder], path: Path) -> None:
+    """Grid: each row one test image, then each model's anomaly map, then the ground-truth mask."""
+    import matplotlib as mpl
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    first = next(iter(recorders.values()))
+    rows = pick_examples(first)
+    names = list(recorders)
+    fig, axes = plt.subplots(
+        len(rows), len(names) + 2, figsize=(2.2 * (len(names) + 2), 2.2 * len(rows)), squeeze=False
+    )
+    for r, index in enumerate(rows):
+        image_path = first.paths[index]
+        axes[r, 0].imshow(Image.open(image_path).convert("RGB").resize((MAP_SIZE, MAP_SIZE)))
+        axes[r, 0].set_title(f"{Path(image_path).parent.name}/{Path(image_path).name}", fontsize=7)
+        for c, name in enumerate(names, start=1):
+            rec = recorders[name]
+            j = rec.paths.index(image_path)
+            axes[r, c].imshow(rec.maps[j], cmap="jet")
+            axes[r, c].set_title(f"{name} {rec.scores[j]:.2f}", fontsize=7)
+        mask = find_mask(image_path)
+        blank = Image.new("L", (MAP_SIZE, MAP_SIZE))
+        axes[r, -1].imshow(Image.open(mask).convert("L").resize((MAP_SIZE, MAP_SIZE)) if mask else blank, cmap="gray")
+        axes[r, -1].set_title("ground truth", fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> dict:
+    """Run every model, write report.json, report.md, roc.png and heatmaps.png into ``settings.out``."""
+    data_config = load_datamodule_config(settings.data)
+    settings.out.mkdir(parents=True, exist_ok=True)
+    runs = {name: run_one(name, settings, data_config, log) for name in settings.models}
+    models = {name: run["result"] for name, run in runs.items()}
+    report = {
+        "models": models,
+        "settings": {
+            **asdict(settings),
+            "data": str(settings.data),
+            "out": str(settings.out),
+            "data_config": data_config,
+        },
+        "versions": versions(),
+    }
+    (settings.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    recorders = {name: run["recorder"] for name, run in runs.items()}
+    plot_roc(recorders, settings.out / "roc.png")
+    plot_heatmaps(recorders, settings.out / "heatmaps.png")
+    table = markdown_table(models)
+    title = f"# ReConPatch vs PatchCore on {settings.data}\n\n"
+    setup = (
+        f"Backbone `{settings.backbone}` {settings.layers}, {settings.image_size} px, coreset ratio "
+        f"{settings.coreset_ratio}, seed {settings.seed}; {report['versions']}.\n\n"
+        "pixel_PRO is anomalib's AUPRO up to 30% false-positive rate. Times in seconds, latency per image "
+        "(batch 1, pre- and post-processing included), peak_rss_mb sampled during each model's fit and test.\n\n"
+    )
+    (settings.out / "report.md").write_text(
+        title + setup + table + "\n\n![ROC](roc.png)\n\n![heatmaps](heatmaps.png)\n"
+    )
+    log("\n" + table)
+    log(f"\nReport: {settings.out / 'report.md'} (raw numbers in report.json, roc.png, heatmaps.png)")
+    return {"report": report, "engine_metrics": {n: r["engine_metrics"] for n, r in runs.items()}}

@@ -1,0 +1,55 @@
+"""The fast greedy k-center against a brute-force reference and against anomalib's KCenterGreedy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from anomalib.models.components import KCenterGreedy
+
+from anomalib_reconpatch.coreset import FastKCenterGreedy, greedy_k_center
+
+
+def brute_force_k_center(features: torch.Tensor, n_select: int, start: int) -> list[int]:
+    """The textbook loop: always add the point farthest from the chosen ones."""
+    selected = [start]
+    min_dist = (features - features[start]).norm(dim=1)
+    for _ in range(n_select - 1):
+        idx = int(min_dist.argmax())
+        selected.append(idx)
+        min_dist = torch.minimum(min_dist, (features - features[idx]).norm(dim=1))
+    return selected
+
+
+def clustered_points(n: int, dim: int, seed: int) -> torch.Tensor:
+    """Points around a few centres at different scales, like patch features (float64: no rounding ties)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(12, dim, generator=g, dtype=torch.float64) * 5
+    return centres[torch.randint(12, (n,), generator=g)] + torch.randn(n, dim, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("n", "dim", "n_select", "ball_size"), [(500, 4, 60, 16), (3000, 16, 300, 64), (2000, 32, 2000, 32)]
+)
+def test_same_selection_as_brute_force(n: int, dim: int, n_select: int, ball_size: int) -> None:
+    features = clustered_points(n, dim, seed=n)
+    fast = greedy_k_center(features, n_select, start=7, ball_size=ball_size).tolist()
+    assert fast == brute_force_k_center(features, n_select, start=7)
+
+
+def test_same_selection_as_anomalib_on_its_projection() -> None:
+    features = clustered_points(2000, 24, seed=3).float()
+    torch.manual_seed(11)
+    stock = KCenterGreedy(features, sampling_ratio=0.05)
+    stock_idx = stock.select_coreset_idxs()
+    projected = stock.features.double()  # anomalib's random projection of the same features
+    ours = greedy_k_center(projected, len(stock_idx), start=stock_idx[0], ball_size=32).tolist()
+    assert ours == stock_idx
+
+
+def test_drop_in_interface_and_errors() -> None:
+    features = clustered_points(1000, 8, seed=5).float()
+    coreset = FastKCenterGreedy(features, sampling_ratio=0.1).sample_coreset()
+    assert coreset.shape == (100, 8)
+    assert len({tuple(row.tolist()) for row in coreset}) == 100
+    with pytest.raises(ValueError, match="selects no point"):
+        FastKCenterGreedy(features, sampling_ratio=0.0001)

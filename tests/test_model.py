@@ -1,0 +1,135 @@
+"""The model on real images: PatchCore-identical features, training, scoring, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+from torch import nn
+
+from anomalib_reconpatch import ReConPatch, ReConPatchModel
+from anomalib_reconpatch.similarity import knn_bandwidth, pairwise_similarity, squared_distances
+from anomalib_reconpatch.torch_model import ema_update, nearest_bank_rows
+
+from .conftest import BACKBONE, LAYERS
+
+
+def demo_images(root: Path, split: str = "train/good", count: int = 4) -> torch.Tensor:
+    """Real demo images, pre-processed as the model's pre-processor does."""
+    from torchvision.io import read_image
+
+    files = sorted((root / "brick" / split).glob("*.png"))[:count]
+    images = torch.stack([read_image(str(f)).float() / 255 for f in files])
+    return ReConPatch.configure_pre_processor().transform(images)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("k", 0),
+        ("alpha", 1.5),
+        ("alpha", -0.1),
+        ("margin", 0.0),
+        ("sigma", 0.0),
+        ("momentum", 1.0),
+        ("momentum", -0.1),
+        ("coreset_sampling_ratio", 0.0),
+        ("coreset_sampling_ratio", 1.5),
+    ],
+)
+def test_out_of_range_hyperparameters_rejected_at_construction(name: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"{name}={value!r}"):
+        ReConPatch(backbone="not_built_because_validation_comes_first", **{name: value})
+
+
+def test_ema_update_by_hand() -> None:
+    target, online = nn.Linear(2, 2), nn.Linear(2, 2)
+    nn.init.zeros_(target.weight), nn.init.zeros_(target.bias)
+    nn.init.ones_(online.weight), nn.init.ones_(online.bias)
+    ema_update(target, online, momentum=0.9)
+    assert torch.allclose(target.weight, torch.full((2, 2), 0.1))
+    assert torch.allclose(target.bias, torch.full((2,), 0.1))
+
+
+def test_nearest_bank_rows_matches_cdist_across_chunks() -> None:
+    g = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(50, 8, generator=g), torch.randn(1000, 8, generator=g)
+    dist, idx = nearest_bank_rows(queries, bank, chunk=128)
+    ref_dist, ref_idx = torch.cdist(queries, bank).min(dim=1)
+    assert torch.equal(idx, ref_idx)
+    assert torch.allclose(dist, ref_dist, atol=1e-4)
+
+
+def test_patch_features_are_patchcores(lite_weights: None, demo_root: Path) -> None:
+    images = demo_images(demo_root)
+    ours = ReConPatchModel(BACKBONE, LAYERS).eval().patch_features(images)
+    patchcore = PatchcoreModel(layers=LAYERS, backbone=BACKBONE).train()
+    with torch.no_grad():
+        reference = patchcore(images)  # training mode returns the flat patch embedding
+    assert ours.shape == (4, 152, 32, 32)
+    assert torch.equal(ours.permute(0, 2, 3, 1).reshape(-1, 152), reference)
+    pooled = ReConPatchModel(BACKBONE, LAYERS, embedding_dim=64).eval().patch_features(images)
+    assert pooled.shape == (4, 64, 32, 32)
+
+
+def test_pairwise_similarity_is_informative_on_real_features(lite_weights: None, demo_root: Path) -> None:
+    features = ReConPatchModel(BACKBONE, LAYERS).patch_features(demo_images(demo_root))
+    patches = features.permute(0, 2, 3, 1).reshape(-1, 152)
+    batch = patches[torch.randperm(len(patches), generator=torch.Generator().manual_seed(0))[:512]]
+    sq = squared_distances(batch).fill_diagonal_(float("nan"))
+    raw = pairwise_similarity(sq, 1.0)  # the paper's sigma=1 on raw features: no pair is similar
+    assert raw.nan_to_num(0).max() < 1e-6
+    scaled = pairwise_similarity(sq, knn_bandwidth(sq.nan_to_num(0), 5))
+    off = scaled[~torch.isnan(scaled)]
+    assert 0.005 < (off > 0.3).float().mean() < 0.2  # close pairs are similar, most pairs are not
+    assert off.median() < 0.1
+
+
+@pytest.fixture(scope="module")
+def trained(lite_weights: None, demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """ReConPatch trained by anomalib's Engine on the demo brick category."""
+    torch.manual_seed(0)
+    datamodule = MVTecAD(root=demo_root, category="brick", num_workers=0, train_batch_size=8, eval_batch_size=8)
+    model = ReConPatch(backbone=BACKBONE, layers=LAYERS, num_steps=150, coreset_sampling_ratio=0.05)
+    engine = Engine(default_root_dir=tmp_path_factory.mktemp("results"), logger=False)
+    engine.fit(model=model, datamodule=datamodule)
+    metrics = engine.test(model=model, datamodule=datamodule)[0]
+    return model, engine, datamodule, metrics
+
+
+def test_training_moves_f_and_builds_bank_in_f_space(trained: tuple) -> None:
+    model, _, _, metrics = trained
+    f = model.model.representation
+    assert not torch.allclose(f.weight, torch.eye(152), atol=1e-3)
+    assert model.model.memory_bank.shape == (int(24 * 32 * 32 * 0.05), 152)
+    assert set(model.fit_timings) == {"features_s", "representation_s", "coreset_s"}
+    assert metrics["image_AUROC"] >= 0.9
+    assert metrics["pixel_AUROC"] >= 0.9
+
+
+def test_eval_forward_any_batch_size(trained: tuple, demo_root: Path) -> None:
+    model = trained[0].eval()
+    images = demo_images(demo_root, "test/patch", 3)
+    with torch.no_grad():
+        three = model.model(images)
+        one = model.model(images[:1])
+    assert three.pred_score.shape == (3,)
+    assert three.anomaly_map.shape == (3, 1, 256, 256)
+    assert torch.allclose(one.pred_score, three.pred_score[:1], atol=1e-5)
+
+
+def test_checkpoint_round_trip_gives_identical_scores(trained: tuple, tmp_path: Path) -> None:
+    model, engine, datamodule, _ = trained
+    path = tmp_path / "reconpatch.ckpt"
+    engine.trainer.save_checkpoint(path)
+    reloaded = ReConPatch.load_from_checkpoint(path)
+    before = engine.predict(model=model, datamodule=datamodule)
+    after = Engine(default_root_dir=tmp_path, logger=False).predict(model=reloaded, datamodule=datamodule)
+    assert torch.equal(reloaded.model.memory_bank, model.model.memory_bank)
+    for a, b in zip(before, after, strict=True):
+        assert torch.equal(a.pred_score, b.pred_score)
+        assert torch.equal(a.anomaly_map, b.anomaly_map)
