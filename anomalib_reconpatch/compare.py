@@ -23,6 +23,8 @@ import torch
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from .memory import fix_mmap_threshold
+
 METRIC_KEYS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_PRO")
 TIMING_KEYS = ("fit_s", "features_s", "representation_s", "coreset_s", "test_s", "latency_ms", "peak_rss_mb")
 MAP_SIZE = 128
@@ -60,7 +62,7 @@ def load_datamodule_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def build_datamodule(config: dict[str, Any], seed: int) -> Any:  # noqa: ANN401 - any AnomalibDataModule
+def build_datamodule(config: dict[str, Any], seed: int) -> Any:
     """Instantiate the datamodule class named by ``class_path`` (short anomalib names work too)."""
     from anomalib.data import AnomalibDataModule
 
@@ -76,8 +78,8 @@ def build_datamodule(config: dict[str, Any], seed: int) -> Any:  # noqa: ANN401 
     return datamodule_class(**init_args)
 
 
-def make_evaluator() -> Any:  # noqa: ANN401
-    """anomalib's metrics: image AUROC and F1 (adaptive threshold), pixel AUROC and PRO (AUPRO to 30% FPR)."""
+def make_evaluator() -> Any:
+    """Anomalib's metrics: image AUROC and F1 (adaptive threshold), pixel AUROC and PRO (AUPRO to 30% FPR)."""
     from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
 
     pro = AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", fpr_limit=0.3, strict=False)
@@ -92,7 +94,7 @@ def make_evaluator() -> Any:  # noqa: ANN401
     )
 
 
-def build_model(name: str, settings: CompareSettings) -> Any:  # noqa: ANN401
+def build_model(name: str, settings: CompareSettings) -> Any:
     """ReConPatch or any anomalib memory-bank model by class name, on the shared settings."""
     from anomalib.models import get_model
 
@@ -134,7 +136,7 @@ class PhaseTimer(Callback):
             self.fit_s = time.perf_counter() - start
 
         pl_module.fit = timed_fit
-        pl_module._timed_fit = True  # noqa: SLF001
+        pl_module._timed_fit = True
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Feature extraction starts with the epoch."""
@@ -151,7 +153,7 @@ class TestRecorder(Callback):
         self.paths: list[str] = []
         self.maps: list[torch.Tensor] = []
 
-    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any) -> None:  # noqa: ANN401
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any) -> None:
         """Record one batch of predictions."""
         del trainer, pl_module, args
         self.scores += outputs.pred_score.flatten().tolist()
@@ -186,7 +188,7 @@ def peak_rss() -> Iterator[dict[str, float]]:
         thread.join()
 
 
-def image_latency_ms(model: Any, datamodule: Any, count: int) -> float:  # noqa: ANN401
+def image_latency_ms(model: Any, datamodule: Any, count: int) -> float:
     """Median wall time of the full forward (pre-processing, model, post-processing) at batch size 1."""
     model.eval()
     images = []
@@ -365,6 +367,7 @@ def plot_heatmaps(recorders: dict[str, TestRecorder], path: Path) -> None:
 def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> dict:
     """Run every model, write report.json, report.md, roc.png and heatmaps.png into ``settings.out``."""
     data_config = load_datamodule_config(settings.data)
+    fix_mmap_threshold()  # same allocator setting for both models; see memory.py
     settings.out.mkdir(parents=True, exist_ok=True)
     runs = {name: run_one(name, settings, data_config, log) for name in settings.models}
     models = {name: run["result"] for name, run in runs.items()}
