@@ -22,6 +22,7 @@ weights: venv
 demo: weights
 	$(BIN)/reconpatch demo-data $(DEMO_DATA)
 	$(BIN)/anomalib train --config configs/reconpatch.yaml
+	$(BIN)/reconpatch compare --data configs/data/demo.yaml --out results/compare/demo
 
 test: venv
 	$(BIN)/python -m pytest -ra

@@ -27,7 +27,7 @@ class _ReConPatchRegistrar:
         def exec_module(module):  # noqa: ANN001, ANN202
             original_exec(module)
             try:
-                import anomalib_reconpatch  # noqa: F401
+                import anomalib_reconpatch  # noqa: F401 - registers itself on import
             except ImportError as error:
                 print(f"anomalib-reconpatch: could not register ReConPatch ({error})", file=sys.stderr)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import socket
 from collections.abc import Sequence
 from urllib.parse import urlparse
@@ -62,8 +63,7 @@ def check_backbone_name(backbone: str) -> None:
 
     if timm.is_model(backbone):
         return
-    stem = backbone.split(".")[0][:6]
-    close = timm.list_models(f"*{stem}*")[:8]
+    close = difflib.get_close_matches(backbone, timm.list_models(), n=6, cutoff=0.6)
     hint = f" Similar names: {', '.join(close)}." if close else ""
     msg = f"Unknown backbone '{backbone}': timm has no model of that name.{hint} See timm.list_models()."
     raise BackboneError(msg)

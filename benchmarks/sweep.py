@@ -1,0 +1,119 @@
+"""Hyper-parameter sweep for ReConPatch on cached backbone features (a tuning tool, not the report).
+
+The backbone runs once over the training and test images; every setting then trains f, builds
+the coreset and scores the cached test images, with anomalib's AUROC and AUPRO metrics. The
+published numbers come from ``reconpatch compare``; this script only finds where to look.
+
+    python benchmarks/sweep.py --data configs/data/kolektorsdd.yaml --coreset-ratio 0.01 \
+        --setting num_steps=0 --setting learning_rate=1e-3 --setting learning_rate=1e-4,num_steps=2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import yaml
+from anomalib.metrics import AUPRO, AUROC
+
+from anomalib_reconpatch import ReConPatch
+from anomalib_reconpatch.compare import build_datamodule, load_datamodule_config
+from anomalib_reconpatch.coreset import FastKCenterGreedy
+
+
+def parse_setting(text: str) -> dict:
+    """``a=1,b=2`` -> ``{"a": 1, "b": 2}`` (YAML values)."""
+    return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in text.split(",") if item)}
+
+
+@torch.no_grad()
+def cache(model: ReConPatch, loader: torch.utils.data.DataLoader, test: bool) -> dict:
+    """Pre-processed images (test) or raw patch features (train) of a whole split."""
+    transform = model.pre_processor.transform
+    out: dict[str, list] = {"features": [], "labels": [], "masks": []}
+    for batch in loader:
+        images = transform(batch.image)
+        out["features"].append(model.model.patch_features(images))
+        if test:
+            out["labels"].append(batch.gt_label)
+            masks = batch.gt_mask.float().reshape(len(images), 1, *batch.gt_mask.shape[-2:])
+            out["masks"].append(torch.nn.functional.interpolate(masks, size=images.shape[-2:], mode="nearest")[:, 0])
+    return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+@torch.no_grad()
+def score(model: ReConPatch, features: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image scores and anomaly maps from cached patch features, as the model's eval forward computes them."""
+    from anomalib_reconpatch.anomaly_map import reweighted_image_score
+    from anomalib_reconpatch.torch_model import nearest_bank_rows
+
+    scores, maps = [], []
+    bank = model.model.memory_bank
+    for chunk in features.split(16):
+        emb = model.model.embed(chunk.permute(0, 2, 3, 1))
+        b, h, w, d = emb.shape
+        dist, nearest = nearest_bank_rows(emb.reshape(-1, d), bank)
+        patch = dist.reshape(b, -1)
+        scores.append(reweighted_image_score(patch, nearest.reshape(b, -1), emb.reshape(b, -1, d), bank, 9))
+        maps.append(model.model.anomaly_map_generator(patch.reshape(b, 1, h, w), size))
+    return torch.cat(scores), torch.cat(maps)
+
+
+def main() -> None:
+    """Run each setting and print image AUROC, pixel AUROC and PRO."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--coreset-ratio", type=float, default=0.01)
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--layers", nargs="+", default=["blocks.2", "blocks.4"])
+    parser.add_argument("--setting", action="append", default=[])
+    args = parser.parse_args()
+    datamodule = build_datamodule(load_datamodule_config(args.data), seed=0)
+    datamodule.setup()
+    base = ReConPatch(backbone=args.backbone, layers=args.layers, coreset_sampling_ratio=args.coreset_ratio)
+    train = cache(base, datamodule.train_dataloader(), test=False)["features"]
+    test = cache(base, datamodule.test_dataloader(), test=True)
+    train_flat = train.permute(0, 2, 3, 1).reshape(-1, train.shape[1])
+    size = tuple(test["masks"].shape[-2:])
+    print(f"train patches {tuple(train_flat.shape)}, test images {len(test['labels'])}")
+    for text in args.setting or [""]:
+        torch.manual_seed(0)
+        model = ReConPatch(
+            backbone=args.backbone, layers=args.layers, coreset_sampling_ratio=args.coreset_ratio, **parse_setting(text)
+        )
+        model.model.feature_extractor = base.model.feature_extractor
+        start = time.perf_counter()
+        with torch.enable_grad():
+            model.train_representation(train_flat)
+        trained = time.perf_counter() - start
+        with torch.no_grad():
+            model.model.memory_bank = FastKCenterGreedy(
+                model.model.embed(train_flat), args.coreset_ratio
+            ).sample_coreset()
+        scores, maps = score(model, test["features"], size)
+        # torchmetrics squashes values outside [0, 1] with a sigmoid: min-max them first, as anomalib's
+        # post-processor does (a monotonic map, so the AUROC and PRO values are unchanged by it).
+        scores, maps = (
+            (scores - scores.min()) / (scores.max() - scores.min()),
+            (maps - maps.min()) / (maps.max() - maps.min()),
+        )
+        outputs = SimpleNamespace(
+            pred_score=scores, gt_label=test["labels"], anomaly_map=maps[:, 0], gt_mask=test["masks"].int()
+        )
+        image = AUROC(fields=["pred_score", "gt_label"])
+        pixel = AUROC(fields=["anomaly_map", "gt_mask"])
+        pro = AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3)
+        for metric in (image, pixel, pro):
+            metric.update(outputs)
+        print(
+            f"{text or 'defaults':60s} image_AUROC {image.compute():.4f} pixel_AUROC {pixel.compute():.4f} "
+            f"PRO {pro.compute():.4f} train {trained:.0f}s",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
