@@ -18,10 +18,11 @@ from types import SimpleNamespace
 import torch
 import yaml
 from anomalib.metrics import AUPRO, AUROC
+from anomalib.models.components.dimensionality_reduction import SparseRandomProjection
 
 from anomalib_reconpatch import ReConPatch
 from anomalib_reconpatch.compare import build_datamodule, load_datamodule_config
-from anomalib_reconpatch.coreset import FastKCenterGreedy
+from anomalib_reconpatch.coreset import FastKCenterGreedy, greedy_k_center
 
 
 def parse_setting(text: str) -> dict:
@@ -62,6 +63,15 @@ def score(model: ReConPatch, features: torch.Tensor, size: tuple[int, int]) -> t
     return torch.cat(scores), torch.cat(maps)
 
 
+def select_bank(embedded: torch.Tensor, ratio: float, space: str) -> torch.Tensor:
+    """Greedy k-center bank, on the features themselves or (``projected``) on anomalib's random projection."""
+    if space == "features":
+        return FastKCenterGreedy(embedded, ratio).sample_coreset()
+    projection = SparseRandomProjection(eps=0.9).fit(embedded)
+    start = int(torch.randint(high=len(embedded), size=(1,)))
+    return embedded[greedy_k_center(projection.transform(embedded), int(len(embedded) * ratio), start)]
+
+
 def main() -> None:
     """Run each setting and print image AUROC, pixel AUROC and PRO."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -81,8 +91,10 @@ def main() -> None:
     print(f"train patches {tuple(train_flat.shape)}, test images {len(test['labels'])}")
     for text in args.setting or [""]:
         torch.manual_seed(0)
+        setting = parse_setting(text)
+        coreset_space = setting.pop("coreset", "features")
         model = ReConPatch(
-            backbone=args.backbone, layers=args.layers, coreset_sampling_ratio=args.coreset_ratio, **parse_setting(text)
+            backbone=args.backbone, layers=args.layers, coreset_sampling_ratio=args.coreset_ratio, **setting
         )
         model.model.feature_extractor = base.model.feature_extractor
         start = time.perf_counter()
@@ -90,9 +102,7 @@ def main() -> None:
             model.train_representation(train_flat)
         trained = time.perf_counter() - start
         with torch.no_grad():
-            model.model.memory_bank = FastKCenterGreedy(
-                model.model.embed(train_flat), args.coreset_ratio
-            ).sample_coreset()
+            model.model.memory_bank = select_bank(model.model.embed(train_flat), args.coreset_ratio, coreset_space)
         scores, maps = score(model, test["features"], size)
         # torchmetrics squashes values outside [0, 1] with a sigmoid: min-max them first, as anomalib's
         # post-processor does (a monotonic map, so the AUROC and PRO values are unchanged by it).

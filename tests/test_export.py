@@ -1,0 +1,66 @@
+"""Export through anomalib's stock path and run in OpenVINO: same answers as torch, any batch size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+
+from anomalib_reconpatch import ReConPatch
+
+from .conftest import BACKBONE, LAYERS
+from .test_model import demo_images
+
+
+@pytest.fixture(scope="module")
+def exported(lite_weights: None, demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """A demo model trained by the Engine and exported to OpenVINO FP32 with ``model.to_openvino``."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("export")
+    datamodule = MVTecAD(root=demo_root, category="grass", num_workers=0)
+    model = ReConPatch(backbone=BACKBONE, layers=LAYERS, num_steps=30, coreset_sampling_ratio=0.05)
+    engine = Engine(default_root_dir=root, logger=False)
+    engine.fit(model=model, datamodule=datamodule)
+    return model.eval(), model.to_openvino(root / "openvino"), root
+
+
+def raw_images(root: Path, split: str, count: int) -> torch.Tensor:
+    """Real demo images in [0, 1], as the exported graph expects them (it pre-processes itself)."""
+    from torchvision.io import read_image
+
+    files = sorted((root / "grass" / split).glob("*.png"))[:count]
+    return torch.stack([read_image(str(f)).float() / 255 for f in files])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_openvino_matches_torch_at_any_batch(exported: tuple, demo_root: Path, batch: int) -> None:
+    import openvino as ov
+
+    model, xml, _ = exported
+    compiled = ov.Core().compile_model(str(xml), "CPU")
+    images = torch.cat([raw_images(demo_root, "test/good", 2), raw_images(demo_root, "test/scratch", 2)])[:batch]
+    with torch.no_grad():
+        reference = model(images)
+    result = compiled(images.numpy())
+    score = result[compiled.output("pred_score")]
+    amap = result[compiled.output("anomaly_map")]
+    assert score.shape == (batch,)
+    assert amap.shape == tuple(reference.anomaly_map.shape) == (batch, 1, 256, 256)
+    ref_map = reference.anomaly_map.numpy()
+    map_range = max(float(ref_map.max() - ref_map.min()), 1e-6)
+    assert np.abs(score - reference.pred_score.numpy()).max() <= 1e-3
+    assert np.abs(amap - ref_map).max() <= 1e-2 * map_range
+
+
+def test_onnx_export_loads_in_openvino(exported: tuple) -> None:
+    import openvino as ov
+
+    model, _, root = exported
+    onnx_path = model.to_onnx(root / "onnx")
+    compiled = ov.Core().compile_model(ov.Core().read_model(str(onnx_path)), "CPU")
+    out = compiled(np.zeros((1, 3, 128, 128), dtype=np.float32))
+    assert out[compiled.output("pred_score")].shape == (1,)
