@@ -13,7 +13,6 @@ from anomalib.engine import Engine
 from anomalib_reconpatch import ReConPatch
 
 from .conftest import BACKBONE, LAYERS
-from .test_model import demo_images
 
 
 @pytest.fixture(scope="module")
