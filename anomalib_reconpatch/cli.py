@@ -63,6 +63,15 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .predict import predict
+
+    predict(Path(args.model), Path(args.input), Path(args.out), device=args.device)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of every ``reconpatch`` sub-command."""
     from .demo_data import TEXTURES
@@ -93,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--reconpatch", nargs="*", default=[], metavar="NAME=VALUE", help="ReConPatch-only arguments")
     cmp.add_argument("--out", required=True, help="output folder for report.md, report.json, roc.png, heatmaps.png")
     cmp.set_defaults(run=_compare)
+
+    pred = commands.add_parser("predict", help="score images with an exported OpenVINO model; overlays and a CSV")
+    pred.add_argument("--model", required=True, help="the exported model.xml (its .bin beside it) or model.onnx")
+    pred.add_argument("--input", required=True, help="an image file or a folder of images (searched recursively)")
+    pred.add_argument("--out", required=True, help="output folder (never inside the input folder)")
+    pred.add_argument("--device", default="CPU", help="OpenVINO device")
+    pred.set_defaults(run=_predict)
     return parser
 
 

@@ -63,3 +63,41 @@ def test_onnx_export_loads_in_openvino(exported: tuple) -> None:
     compiled = ov.Core().compile_model(ov.Core().read_model(str(onnx_path)), "CPU")
     out = compiled(np.zeros((1, 3, 128, 128), dtype=np.float32))
     assert out[compiled.output("pred_score")].shape == (1,)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_predict_writes_overlays_and_csv_and_leaves_input_alone(
+    exported: tuple, demo_root: Path, tmp_path: Path
+) -> None:
+    import csv
+
+    from anomalib_reconpatch.cli import main
+
+    _, xml, _ = exported
+    source = demo_root / "grass" / "test"
+    before = snapshot(demo_root)
+    assert main(["predict", "--model", str(xml), "--input", str(source), "--out", str(tmp_path / "pred")]) == 0
+    rows = list(csv.DictReader((tmp_path / "pred" / "scores.csv").open()))
+    images = sorted(p for p in source.rglob("*.png"))
+    assert [r["image"] for r in rows] == [str(p) for p in images]
+    assert all(Path(r["overlay"]).is_file() for r in rows)
+    scores = {Path(r["image"]).parent.name: float(r["score"]) for r in rows}
+    assert all(0.0 <= s <= 1.0 for s in scores.values())
+    assert snapshot(demo_root) == before
+
+
+def test_predict_rejects_bad_models_and_outputs(exported: tuple, demo_root: Path, tmp_path: Path) -> None:
+    from anomalib_reconpatch.predict import predict
+
+    image = demo_root / "grass" / "test" / "good" / "000.png"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        predict(tmp_path / "missing.xml", image, tmp_path / "out")
+    (tmp_path / "broken.xml").write_text("<not a model")
+    (tmp_path / "broken.bin").write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match="could not read"):
+        predict(tmp_path / "broken.xml", image, tmp_path / "out")
+    with pytest.raises(ValueError, match="inside the input folder"):
+        predict(exported[1], demo_root / "grass", demo_root / "grass" / "results")

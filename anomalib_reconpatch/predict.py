@@ -1,0 +1,133 @@
+"""``reconpatch predict``: run an exported OpenVINO model over an image or a folder, streaming.
+
+Writes, per image, a heatmap overlay PNG, and one ``scores.csv`` with the score and label of
+every image. Images are read one at a time (memory stays flat however large the folder), and
+nothing is ever written inside the input folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+@dataclass(frozen=True)
+class PredictSummary:
+    """What a run did: how many images, how fast, and where the results are."""
+
+    images: int
+    seconds: float
+    csv_path: Path
+
+    @property
+    def images_per_second(self) -> float:
+        """Throughput over the whole run, reading and writing included."""
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def load_compiled_model(model_path: Path, device: str = "CPU") -> object:
+    """Compile an exported ``.xml`` (with its ``.bin``) or ``.onnx``; errors say which file is wrong."""
+    import openvino as ov
+
+    if not model_path.is_file():
+        msg = f"Model file {model_path} does not exist: pass the .xml written by `anomalib export --export_type openvino`."
+        raise FileNotFoundError(msg)
+    if model_path.suffix not in {".xml", ".onnx"}:
+        msg = f"Model file {model_path} is not an OpenVINO .xml or an .onnx file."
+        raise ValueError(msg)
+    if model_path.suffix == ".xml" and not model_path.with_suffix(".bin").is_file():
+        msg = f"Weights {model_path.with_suffix('.bin')} are missing next to {model_path}: copy the .bin with the .xml."
+        raise FileNotFoundError(msg)
+    try:
+        return ov.Core().compile_model(str(model_path), device)
+    except RuntimeError as error:
+        msg = f"OpenVINO could not read {model_path} (corrupt or not an exported model?): {str(error).splitlines()[0]}"
+        raise ValueError(msg) from error
+
+
+def iter_images(source: Path) -> Iterator[Path]:
+    """The image itself, or every image below a folder in sorted order."""
+    if source.is_file():
+        yield source
+        return
+    if not source.is_dir():
+        msg = f"Input {source} does not exist: pass an image file or a folder of images."
+        raise FileNotFoundError(msg)
+    found = False
+    for path in sorted(source.rglob("*")):
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            found = True
+            yield path
+    if not found:
+        msg = f"No images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {source}."
+        raise FileNotFoundError(msg)
+
+
+def check_output_outside(source: Path, out: Path) -> None:
+    """Refuse an output folder inside the input folder (results must never land among the user's images)."""
+    source_dir = source.resolve() if source.is_dir() else source.resolve().parent
+    if out.resolve() == source_dir or source_dir in out.resolve().parents:
+        msg = f"Output folder {out} is inside the input folder {source_dir}: choose a folder elsewhere."
+        raise ValueError(msg)
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """``1 x 3 x H x W`` float32 in [0, 1], as anomalib reads images (grayscale and RGBA become RGB)."""
+    from anomalib.data.utils import read_image
+
+    try:
+        image = read_image(path, as_tensor=False)
+    except Exception as error:  # PIL raises several types for broken files
+        msg = f"Cannot read image {path}: {error}. Remove or replace the file."
+        raise ValueError(msg) from error
+    return np.ascontiguousarray(image.astype(np.float32).transpose(2, 0, 1)[None])
+
+
+def overlay(image: np.ndarray, anomaly_map: np.ndarray) -> np.ndarray:
+    """Blend a jet-coloured anomaly map (0..1) over the image, both ``H x W`` (x3), uint8 out."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    heat = np.asarray(Image.fromarray(np.clip(anomaly_map, 0, 1).astype(np.float32)).resize((width, height)))
+    coloured = colormaps["jet"](heat)[..., :3]
+    return (np.clip(0.55 * image + 0.45 * coloured, 0, 1) * 255).astype(np.uint8)
+
+
+def predict(
+    model_path: Path, source: Path, out: Path, device: str = "CPU", log: Callable[[str], None] = print
+) -> PredictSummary:
+    """Score every image of ``source`` with the exported model; write overlays and ``scores.csv`` to ``out``."""
+    from PIL import Image
+
+    check_output_outside(source, out)
+    compiled = load_compiled_model(model_path, device)
+    names = {output.get_any_name() for output in compiled.outputs}
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "scores.csv"
+    start, count = time.perf_counter(), 0
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "score", "label", "overlay"])
+        for path in iter_images(source):
+            image = read_rgb(path)
+            result = compiled(image)
+            score = float(result[compiled.output("pred_score")].reshape(-1)[0])
+            label = bool(result[compiled.output("pred_label")].reshape(-1)[0]) if "pred_label" in names else None
+            amap = result[compiled.output("anomaly_map")][0, 0]
+            relative = path.relative_to(source) if source.is_dir() else Path(path.name)
+            overlay_path = out / "overlays" / relative.with_suffix(".png")
+            overlay_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(overlay(image[0].transpose(1, 2, 0), amap)).save(overlay_path)
+            writer.writerow([str(path), f"{score:.6f}", "" if label is None else int(label), str(overlay_path)])
+            count += 1
+    summary = PredictSummary(images=count, seconds=time.perf_counter() - start, csv_path=csv_path)
+    log(f"{count} images in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s); scores in {csv_path}")
+    return summary
