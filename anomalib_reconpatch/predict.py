@@ -37,7 +37,7 @@ def load_compiled_model(model_path: Path, device: str = "CPU") -> object:
     import openvino as ov
 
     if not model_path.is_file():
-        msg = f"Model file {model_path} does not exist: pass the .xml written by `anomalib export --export_type openvino`."
+        msg = f"Model file {model_path} does not exist: pass the .xml that `anomalib export` wrote."
         raise FileNotFoundError(msg)
     if model_path.suffix not in {".xml", ".onnx"}:
         msg = f"Model file {model_path} is not an OpenVINO .xml or an .onnx file."
