@@ -45,12 +45,13 @@ def nearest_bank_rows(
     The bank is scanned in fixed chunks so the full query-by-bank distance matrix never
     exists at once (the chunk count is static, which keeps the traced graph shape-agnostic).
     """
-    query_norm = embedding.pow(2).sum(-1, keepdim=True)
     best = best_idx = None
     for start in range(0, bank.shape[0], chunk):
         part = bank[start : start + chunk]
-        sq = (query_norm - 2.0 * embedding @ part.T + part.pow(2).sum(-1)[None, :]).clamp_min(0)
-        value, index = sq.min(dim=1)
+        # |q|^2 is the same for every bank row, so it is added after the minimum: one fused
+        # matmul-add and one reduction per chunk, no other query-by-chunk temporaries.
+        partial = torch.addmm(part.pow(2).sum(-1)[None, :], embedding, part.T, alpha=-2.0)
+        value, index = partial.min(dim=1)
         index = index + start
         if best is None:
             best, best_idx = value, index
@@ -58,6 +59,7 @@ def nearest_bank_rows(
             closer = value < best
             best = torch.where(closer, value, best)
             best_idx = torch.where(closer, index, best_idx)
+    best = (best + embedding.pow(2).sum(-1)).clamp_min(0)
     return best.sqrt(), best_idx
 
 

@@ -24,6 +24,7 @@ def exported(lite_weights: None, demo_root: Path, tmp_path_factory: pytest.TempP
     model = ReConPatch(backbone=BACKBONE, layers=LAYERS, num_steps=30, coreset_sampling_ratio=0.05)
     engine = Engine(default_root_dir=root, logger=False)
     engine.fit(model=model, datamodule=datamodule)
+    engine.trainer.save_checkpoint(root / "model.ckpt")
     return model.eval(), model.to_openvino(root / "openvino"), root
 
 
@@ -101,3 +102,22 @@ def test_predict_rejects_bad_models_and_outputs(exported: tuple, demo_root: Path
         predict(tmp_path / "broken.xml", image, tmp_path / "out")
     with pytest.raises(ValueError, match="inside the input folder"):
         predict(exported[1], demo_root / "grass", demo_root / "grass" / "results")
+
+
+def test_stock_cli_exports_a_checkpoint(exported: tuple, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import openvino as ov
+
+    _, _, root = exported
+    command = [
+        str(Path(sys.executable).parent / "anomalib"), "export", "--model", "ReConPatch", "--export_type", "openvino",
+        "--ckpt_path", str(root / "model.ckpt"), "--model.backbone", BACKBONE, "--model.layers", "[blocks.2, blocks.4]",
+        "--export_root", str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    xml = tmp_path / "weights" / "openvino" / "model.xml"
+    compiled = ov.Core().compile_model(str(xml), "CPU")
+    assert compiled(np.zeros((1, 3, 256, 256), dtype=np.float32))[compiled.output("pred_score")].shape == (1,)
