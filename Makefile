@@ -23,6 +23,11 @@ demo: weights
 	$(BIN)/reconpatch demo-data $(DEMO_DATA)
 	$(BIN)/anomalib train --config configs/reconpatch.yaml
 	$(BIN)/reconpatch compare --data configs/data/demo.yaml --out results/compare/demo
+	$(BIN)/anomalib export --model ReConPatch --model.backbone tf_efficientnet_lite0 \
+		--model.layers "[blocks.2, blocks.4]" --export_type openvino --export_root results/export/demo \
+		--ckpt_path results/ReConPatch/MVTecAD/brick/latest/weights/lightning/model.ckpt
+	$(BIN)/reconpatch predict --model results/export/demo/weights/openvino/model.xml \
+		--input $(DEMO_DATA)/brick/test --out results/predict/demo
 
 test: venv
 	$(BIN)/python -m pytest -ra
