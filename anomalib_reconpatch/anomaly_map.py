@@ -10,6 +10,8 @@ import torch
 from anomalib.models.image.patchcore.anomaly_map import AnomalyMapGenerator
 from torch.nn import functional as F  # noqa: N812
 
+from .similarity import squared_cross_distances
+
 __all__ = ["AnomalyMapGenerator", "reweighted_image_score"]
 
 
@@ -37,12 +39,7 @@ def reweighted_image_score(
     max_features = embedding[batch, max_patches]
     bank_neighbour = memory_bank[nearest[batch, max_patches]]
     support_size = min(num_neighbors, memory_bank.shape[0])
-    support = squared_bank_distances(bank_neighbour, memory_bank).topk(support_size, dim=1, largest=False).indices
+    support = squared_cross_distances(bank_neighbour, memory_bank).topk(support_size, dim=1, largest=False).indices
     support_dist = (max_features[:, None, :] - memory_bank[support]).pow(2).sum(-1).clamp_min(0).sqrt()
     weights = 1.0 - F.softmax(support_dist, dim=1)[:, 0]
     return weights * max_scores
-
-
-def squared_bank_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """``Q x M`` squared distances through one matmul (exportable, unlike ``cdist``)."""
-    return (queries.pow(2).sum(-1, keepdim=True) - 2.0 * queries @ bank.T + bank.pow(2).sum(-1)[None, :]).clamp_min(0)

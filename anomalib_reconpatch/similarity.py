@@ -10,10 +10,14 @@ from __future__ import annotations
 import torch
 
 
+def squared_cross_distances(queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``Q x M`` squared distances through one matmul (exportable, unlike ``cdist``), clamped at 0."""
+    return (queries.pow(2).sum(-1, keepdim=True) - 2.0 * queries @ rows.T + rows.pow(2).sum(-1)[None, :]).clamp_min(0)
+
+
 def squared_distances(z: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances between all rows of ``z`` (``N x D`` -> ``N x N``), clamped at 0."""
-    norms = z.pow(2).sum(dim=1)
-    return (norms[:, None] + norms[None, :] - 2.0 * z @ z.T).clamp_min(0.0).fill_diagonal_(0.0)
+    """Squared Euclidean distances between all rows of ``z`` (``N x D`` -> ``N x N``), exactly 0 on the diagonal."""
+    return squared_cross_distances(z, z).fill_diagonal_(0.0)
 
 
 def knn_bandwidth(sq_dist: torch.Tensor, k: int) -> torch.Tensor:
