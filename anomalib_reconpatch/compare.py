@@ -96,11 +96,14 @@ def make_evaluator() -> Any:
 
 def build_model(name: str, settings: CompareSettings) -> Any:
     """ReConPatch or any anomalib memory-bank model by class name, on the shared settings."""
-    from anomalib.models import get_model
+    import anomalib.models
 
-    import anomalib_reconpatch  # noqa: F401 - registers ReConPatch among AnomalibModule subclasses
+    import anomalib_reconpatch  # noqa: F401 - registers anomalib.models.ReConPatch
 
-    model_class = type(get_model(name, backbone=settings.backbone, layers=settings.layers, pre_trained=False))
+    model_class = getattr(anomalib.models, name, None)
+    if not isinstance(model_class, type):
+        msg = f"Unknown model '{name}': use an anomalib model class name such as ReConPatch or Patchcore."
+        raise ValueError(msg)
     kwargs: dict[str, Any] = {
         "backbone": settings.backbone,
         "layers": settings.layers,
