@@ -11,30 +11,15 @@ projection and start point, which selects the same points: tests/test_coreset.py
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import torch
 from anomalib.models.components import KCenterGreedy
 from anomalib.models.components.dimensionality_reduction import SparseRandomProjection
+from common import cache, data_parser, flat_patches, load_data
 
-from anomalib_reconpatch import ReConPatch
-from anomalib_reconpatch.compare import build_datamodule, load_datamodule_config
 from anomalib_reconpatch.coreset import greedy_k_center
 from anomalib_reconpatch.torch_model import nearest_bank_rows
-
-
-@torch.no_grad()
-def training_features(data: Path, backbone: str, layers: list[str]) -> torch.Tensor:
-    """All training patch features of a datamodule (PatchCore's embedding)."""
-    datamodule = build_datamodule(load_datamodule_config(data), seed=0)
-    datamodule.setup()
-    model = ReConPatch(backbone=backbone, layers=layers)
-    transform = model.pre_processor.transform
-    parts = [model.model.patch_features(transform(batch.image)) for batch in datamodule.train_dataloader()]
-    features = torch.cat(parts)
-    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
 
 
 def coverage_radius(features: torch.Tensor, selected: torch.Tensor) -> float:
@@ -45,14 +30,12 @@ def coverage_radius(features: torch.Tensor, selected: torch.Tensor) -> float:
 
 def main() -> None:
     """Run the comparison and print one line per measurement."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, required=True)
+    parser = data_parser(__doc__)
     parser.add_argument("--ratio", type=float, default=0.1)
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
-    parser.add_argument("--layers", nargs="+", default=["blocks.2", "blocks.4"])
     parser.add_argument("--stock-steps", type=int, default=300)
     args = parser.parse_args()
-    features = training_features(args.data, args.backbone, args.layers)
+    datamodule, model = load_data(args)
+    features = flat_patches(cache(model, datamodule.train_dataloader(), test=False)["features"])
     n_select = int(len(features) * args.ratio)
     print(f"{len(features)} patches x {features.shape[1]} dims, selecting {n_select}")
 

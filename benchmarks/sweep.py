@@ -10,39 +10,22 @@ published numbers come from ``reconpatch compare``; this script only finds where
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import yaml
 from anomalib.metrics import AUPRO, AUROC
 from anomalib.models.components.dimensionality_reduction import SparseRandomProjection
+from common import cache, data_parser, flat_patches, load_data
 
 from anomalib_reconpatch import ReConPatch
-from anomalib_reconpatch.compare import build_datamodule, load_datamodule_config
 from anomalib_reconpatch.coreset import FastKCenterGreedy, greedy_k_center
 
 
 def parse_setting(text: str) -> dict:
     """``a=1,b=2`` -> ``{"a": 1, "b": 2}`` (YAML values)."""
     return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in text.split(",") if item)}
-
-
-@torch.no_grad()
-def cache(model: ReConPatch, loader: torch.utils.data.DataLoader, test: bool) -> dict:
-    """Pre-processed images (test) or raw patch features (train) of a whole split."""
-    transform = model.pre_processor.transform
-    out: dict[str, list] = {"features": [], "labels": [], "masks": []}
-    for batch in loader:
-        images = transform(batch.image)
-        out["features"].append(model.model.patch_features(images))
-        if test:
-            out["labels"].append(batch.gt_label)
-            masks = batch.gt_mask.float().reshape(len(images), 1, *batch.gt_mask.shape[-2:])
-            out["masks"].append(torch.nn.functional.interpolate(masks, size=images.shape[-2:], mode="nearest")[:, 0])
-    return {k: torch.cat(v) for k, v in out.items() if v}
 
 
 @torch.no_grad()
@@ -74,19 +57,13 @@ def select_bank(embedded: torch.Tensor, ratio: float, space: str) -> torch.Tenso
 
 def main() -> None:
     """Run each setting and print image AUROC, pixel AUROC and PRO."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, required=True)
+    parser = data_parser(__doc__)
     parser.add_argument("--coreset-ratio", type=float, default=0.01)
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
-    parser.add_argument("--layers", nargs="+", default=["blocks.2", "blocks.4"])
     parser.add_argument("--setting", action="append", default=[])
     args = parser.parse_args()
-    datamodule = build_datamodule(load_datamodule_config(args.data), seed=0)
-    datamodule.setup()
-    base = ReConPatch(backbone=args.backbone, layers=args.layers, coreset_sampling_ratio=args.coreset_ratio)
-    train = cache(base, datamodule.train_dataloader(), test=False)["features"]
+    datamodule, base = load_data(args, coreset_sampling_ratio=args.coreset_ratio)
+    train_flat = flat_patches(cache(base, datamodule.train_dataloader(), test=False)["features"])
     test = cache(base, datamodule.test_dataloader(), test=True)
-    train_flat = train.permute(0, 2, 3, 1).reshape(-1, train.shape[1])
     size = tuple(test["masks"].shape[-2:])
     print(f"train patches {tuple(train_flat.shape)}, test images {len(test['labels'])}")
     for text in args.setting or [""]:
