@@ -6,6 +6,8 @@ published numbers come from ``reconpatch compare``; this script only finds where
 
     python benchmarks/sweep.py --data configs/data/kolektorsdd.yaml --coreset-ratio 0.01 \
         --setting num_steps=0 --setting learning_rate=1e-3 --setting learning_rate=1e-4,num_steps=2000
+
+A ``seed=N`` item (default 0) seeds that setting's run, to see the spread over seeds.
 """
 
 from __future__ import annotations
@@ -67,8 +69,8 @@ def main() -> None:
     size = tuple(test["masks"].shape[-2:])
     print(f"train patches {tuple(train_flat.shape)}, test images {len(test['labels'])}")
     for text in args.setting or [""]:
-        torch.manual_seed(0)
         setting = parse_setting(text)
+        torch.manual_seed(setting.pop("seed", 0))
         coreset_space = setting.pop("coreset", "features")
         model = ReConPatch(
             backbone=args.backbone, layers=args.layers, coreset_sampling_ratio=args.coreset_ratio, **setting
