@@ -31,10 +31,14 @@ from torch import nn
 
 from .coreset import FastKCenterGreedy
 from .loss import RelaxedContrastiveLoss
+from .search import SEARCH_OPTIONS
 from .similarity import pseudo_labels
+from .spill import FeatureSpill, SpilledFeatures
 from .torch_model import ReConPatchModel, ema_update
 
 logger = logging.getLogger(__name__)
+
+NON_FINITE = "The backbone produced NaN or inf patch features: check the training images and normalisation."
 
 
 def _check_range(name: str, value: float, ok: bool, expected: str) -> None:
@@ -59,6 +63,9 @@ def validate_hyperparameters(params: dict[str, Any]) -> None:
     _check_range("weight_decay", params["weight_decay"], params["weight_decay"] >= 0, "weight_decay >= 0")
     _check_range("projection_dim", params["projection_dim"], params["projection_dim"] >= 1, "an integer >= 1")
     _check_range("num_neighbors", params["num_neighbors"], params["num_neighbors"] >= 1, "an integer >= 1")
+    _check_range("search", params["search"], params["search"] in SEARCH_OPTIONS, "one of " + ", ".join(SEARCH_OPTIONS))
+    budget = params["feature_memory_mb"]
+    _check_range("feature_memory_mb", budget, budget is None or budget >= 0, "null (no limit) or megabytes >= 0")
 
 
 class ReConPatch(MemoryBankMixin, AnomalibModule):
@@ -82,6 +89,13 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         momentum: EMA momentum ``gamma`` of the target networks.
         coreset_sampling_ratio: fraction of training patches kept in the memory bank.
         num_neighbors: support size of PatchCore's image-score re-weighting.
+        search: nearest-neighbour search of the Python inference path: ``exact`` (torch, the default) or an
+            approximate faiss index, ``hnsw`` or ``ivf`` (built from the bank on first use, never saved).
+            Exported models always use the exact search.
+        feature_memory_mb: most megabytes of training patch features held in RAM; beyond it they are
+            appended to a temporary memory-mapped file (under ``TMPDIR``, removed after fit). The default,
+            2048, keeps usual data sets in RAM (MVTec AD bottle with tf_efficientnet_lite0 needs 130 MB) and
+            bounds larger ones instead of failing; ``null`` never spills.
 
     """
 
@@ -103,6 +117,8 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         momentum: float = 0.999,
         coreset_sampling_ratio: float = 0.1,
         num_neighbors: int = 9,
+        search: str = "exact",
+        feature_memory_mb: int | None = 2048,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -121,7 +137,9 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
             pre_trained=pre_trained,
             embedding_dim=embedding_dim,
             num_neighbors=num_neighbors,
+            search=search,
         )
+        self.feature_memory_mb = feature_memory_mb
         self.projection_dim = projection_dim
         self.num_steps = num_steps
         self.patches_per_step = patches_per_step
@@ -134,6 +152,8 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         self.coreset_sampling_ratio = coreset_sampling_ratio
         self.loss = RelaxedContrastiveLoss(margin)
         self.feature_store: list[torch.Tensor] = []
+        self.feature_spill: FeatureSpill | None = None
+        self.spilled_rows = 0
         self.fit_timings: dict[str, float] = {}
         self._epoch_start = 0.0
 
@@ -165,33 +185,68 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
     def on_train_epoch_start(self) -> None:
         """Start the feature-extraction clock; drop features of an earlier, interrupted run."""
         self.feature_store.clear()
+        if self.feature_spill is not None:
+            self.feature_spill.close()
+            self.feature_spill = None
         self._epoch_start = time.perf_counter()
 
     def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Run the frozen backbone once on the batch and keep its patch features for ``fit``."""
+        """Run the frozen backbone once on the batch and keep its patch features for ``fit``.
+
+        Features stay in ``feature_store`` until they would exceed ``feature_memory_mb``; from then on
+        all of them go to a ``FeatureSpill`` file.
+        """
         del args, kwargs
-        self.feature_store.append(self.model(batch.image).detach().cpu())
+        rows = self.model(batch.image).detach().cpu()
+        budget = self.feature_memory_mb
+        if self.feature_spill is None and budget is not None:
+            held = sum(stored.nbytes for stored in self.feature_store) + rows.nbytes
+            if held > budget * 2**20:
+                self.feature_spill = FeatureSpill(rows.shape[1])
+                logger.info("ReConPatch: features exceed %s MB, spilling to %s", budget, self.feature_spill.path)
+                for stored in self.feature_store:
+                    self.feature_spill.append(stored)
+                self.feature_store.clear()
+        if self.feature_spill is None:
+            self.feature_store.append(rows)
+        else:
+            if not torch.isfinite(rows).all():
+                raise FloatingPointError(NON_FINITE)
+            self.feature_spill.append(rows)
         return torch.tensor(0.0, requires_grad=True, device=self.device)
 
     def fit(self) -> None:
-        """Train the representation on the stored patch features, then build the coreset memory bank."""
-        if not self.feature_store:
-            msg = "ReConPatch has no training features: the training dataloader yielded no images."
-            raise ValueError(msg)
+        """Train the representation on the stored patch features, then build the coreset memory bank.
+
+        Spilled features are read from their file (mini-batches, then the embedding pass in chunks) and
+        the file is deleted at the end, also when training fails.
+        """
         features_s = time.perf_counter() - self._epoch_start
-        features = torch.cat(self.feature_store)
-        self.feature_store.clear()
-        if not torch.isfinite(features).all():
-            msg = "The backbone produced NaN or inf patch features: check the training images and normalisation."
-            raise FloatingPointError(msg)
-        start = time.perf_counter()
-        with torch.inference_mode(False), torch.enable_grad():
-            self.train_representation(features)
-        representation_s = time.perf_counter() - start
-        start = time.perf_counter()
-        with torch.no_grad():
-            embedded = torch.cat([self.model.embed(chunk.to(self.device)) for chunk in features.split(65536)])
-        del features
+        spill, self.feature_spill = self.feature_spill, None
+        try:
+            features: torch.Tensor | SpilledFeatures
+            if spill is not None:
+                features = spill.features()
+            elif self.feature_store:
+                features = torch.cat(self.feature_store)
+                self.feature_store.clear()
+                if not torch.isfinite(features).all():
+                    raise FloatingPointError(NON_FINITE)
+            else:
+                msg = "ReConPatch has no training features: the training dataloader yielded no images."
+                raise ValueError(msg)
+            self.spilled_rows = len(features) if spill is not None else 0
+            start = time.perf_counter()
+            with torch.inference_mode(False), torch.enable_grad():
+                self.train_representation(features)
+            representation_s = time.perf_counter() - start
+            start = time.perf_counter()
+            with torch.no_grad():
+                embedded = torch.cat([self.model.embed(chunk.to(self.device)) for chunk in features.split(65536)])
+            del features
+        finally:
+            if spill is not None:
+                spill.close()
         self.model.memory_bank = FastKCenterGreedy(embedded, self.coreset_sampling_ratio).sample_coreset()
         self.fit_timings = {
             "features_s": features_s,
@@ -200,7 +255,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         }
         logger.info("ReConPatch fit: %s, memory bank %s", self.fit_timings, tuple(self.model.memory_bank.shape))
 
-    def train_representation(self, features: torch.Tensor) -> None:
+    def train_representation(self, features: torch.Tensor | SpilledFeatures) -> None:
         """Relaxed contrastive training of ``f`` (kept) and ``g`` (discarded) on random patch mini-batches."""
         n = features.shape[0]
         if n <= self.k:

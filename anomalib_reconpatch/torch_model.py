@@ -17,6 +17,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from .anomaly_map import AnomalyMapGenerator, reweighted_image_score
 from .backbone import build_feature_extractor
+from .search import build_index, exporting, search_index
 
 SEARCH_CHUNK = 4096
 
@@ -72,6 +73,8 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         pre_trained: load ImageNet weights (needed for meaningful features).
         embedding_dim: if set, adaptive-average-pool the concatenated channels to this size.
         num_neighbors: PatchCore's image-score re-weighting support size.
+        search: nearest-neighbour search of the Python path: ``exact`` (torch) or a faiss index
+            (``hnsw``, ``ivf``), built lazily from the bank and never saved. Export always traces exact.
 
     """
 
@@ -82,8 +85,11 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         pre_trained: bool = True,
         embedding_dim: int | None = None,
         num_neighbors: int = 9,
+        search: str = "exact",
     ) -> None:
         super().__init__()
+        self.search = search
+        self._index: tuple[torch.Tensor, str, object] | None = None
         self.backbone = backbone
         self.layers = list(layers)
         self.num_neighbors = num_neighbors
@@ -123,6 +129,26 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         """Apply the learned representation ``f`` to ``... x D`` patch features."""
         return self.representation(patch_features)
 
+    def search_bank(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest bank row per query: torch exact search, or the faiss index outside of tracing and export."""
+        if self.search == "exact" or exporting():
+            return nearest_bank_rows(queries, self.memory_bank)
+        return search_index(self.bank_index(), queries)
+
+    def bank_index(self) -> object:
+        """The faiss index of the current bank, rebuilt when the bank (fit, load) or ``search`` changes.
+
+        The key holds the bank tensor itself, so a new bank can never be mistaken for the indexed one.
+        """
+        if self._index is None or self._index[0] is not self.memory_bank or self._index[1] != self.search:
+            self._index = (self.memory_bank, self.search, build_index(self.memory_bank, self.search))
+        return self._index[2]
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        """Loading copies into the bank in place: drop the index so the next search rebuilds it."""
+        self._index = None
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
         """Training: ``N x D`` raw patch features for the memory of the fit. Eval: scores and anomaly maps."""
         features = self.patch_features(images)
@@ -135,7 +161,7 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         embedding = self.embed(flat)
         batch, height, width, dim = embedding.shape
         queries = embedding.reshape(-1, dim)
-        distances, nearest = nearest_bank_rows(queries, self.memory_bank)
+        distances, nearest = self.search_bank(queries)
         patch_scores = distances.reshape(batch, -1)
         pred_score = reweighted_image_score(
             patch_scores,

@@ -1,0 +1,134 @@
+"""Memory-bank search: exact torch and faiss against brute force, approximate recall, export stays exact."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from anomalib_reconpatch import ReConPatch, ReConPatchModel, search
+from anomalib_reconpatch.torch_model import nearest_bank_rows
+
+from .conftest import BACKBONE, LAYERS
+from .test_model import demo_images
+
+
+@pytest.fixture(scope="module")
+def real_rows(lite_weights: None, demo_root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bank, queries): patch features of real demo images, the bank from training images, queries from test."""
+    model = ReConPatchModel(BACKBONE, LAYERS).eval()
+    bank = model.patch_features(demo_images(demo_root, "train/good", 4)).permute(0, 2, 3, 1).reshape(-1, 152)
+    queries = model.patch_features(demo_images(demo_root, "test/scratch", 2)).permute(0, 2, 3, 1).reshape(-1, 152)
+    return bank[::2].contiguous(), queries
+
+
+def brute_force(queries: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cdist(queries.double(), bank.double()).min(dim=1)
+
+
+def test_exact_search_matches_brute_force_across_chunks(real_rows: tuple) -> None:
+    bank, queries = real_rows
+    distances, nearest = nearest_bank_rows(queries, bank, chunk=300)
+    reference, reference_idx = brute_force(queries, bank)
+    assert torch.equal(nearest, reference_idx)
+    assert torch.allclose(distances.double(), reference, rtol=1e-4, atol=1e-3)
+
+
+def test_faiss_exact_matches_brute_force(real_rows: tuple) -> None:
+    bank, queries = real_rows
+    distances, nearest = search.search_index(search.build_index(bank, "flat"), queries)
+    reference, reference_idx = brute_force(queries, bank)
+    assert nearest.dtype == torch.int64
+    assert torch.equal(nearest, reference_idx)
+    assert torch.allclose(distances.double(), reference, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_index_recall_is_high_on_real_features(real_rows: tuple, kind: str) -> None:
+    bank, queries = real_rows
+    distances, nearest = search.search_index(search.build_index(bank, kind), queries)
+    reference, reference_idx = brute_force(queries, bank)
+    assert (nearest == reference_idx).float().mean() >= 0.95
+    assert (distances.double() >= reference - 1e-3).all()  # an approximate neighbour is never closer
+    assert (distances.double() / reference.clamp_min(1e-6)).mean() <= 1.01
+
+
+class LargestOutput(TorchDispatchMode):
+    """Records the element count of the largest tensor any torch op produces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func: object, types: object, args: tuple = (), kwargs: dict | None = None) -> object:
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, tuple) else (out,):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_exact_search_never_materialises_the_query_by_bank_matrix() -> None:
+    queries, bank, chunk = torch.randn(64, 16), torch.randn(1000, 16), 128
+    with LargestOutput() as recorder:
+        nearest_bank_rows(queries, bank, chunk=chunk)
+    assert recorder.largest == len(queries) * chunk  # one chunk of distances at a time
+    assert recorder.largest * math.ceil(len(bank) / chunk) >= len(queries) * len(bank)
+
+
+def test_unknown_search_is_rejected_naming_the_option() -> None:
+    with pytest.raises(ValueError, match=r"search='annoy'.*one of exact, hnsw, ivf.*--model.search"):
+        ReConPatch(backbone="not_built", search="annoy")
+
+
+def banked_model(bank: torch.Tensor, kind: str) -> ReConPatch:
+    model = ReConPatch(backbone=BACKBONE, layers=LAYERS, search=kind, visualizer=False)
+    model.model.memory_bank = bank.clone()
+    return model.eval()
+
+
+def test_index_is_lazy_unsaved_and_follows_the_bank(real_rows: tuple, demo_root: Path) -> None:
+    bank, _ = real_rows
+    model = banked_model(bank, "hnsw")
+    images = demo_images(demo_root, "test/scratch", 2)
+    assert model.model._index is None
+    with torch.no_grad():
+        approximate = model.model(images).pred_score
+        index = model.model.bank_index()
+        assert model.model.bank_index() is index  # built once
+        assert not any("index" in key for key in model.state_dict())
+        model.model.search = "exact"
+        exact = model.model(images).pred_score
+        assert torch.allclose(approximate, exact, rtol=1e-3)
+        model.model.search = "hnsw"
+        model.model.load_state_dict({**model.model.state_dict(), "memory_bank": bank[: len(bank) // 2].clone()})
+        assert model.model.bank_index() is not index
+        assert model.model.bank_index().ntotal == len(bank) // 2
+
+
+def test_export_traces_exact_search_whatever_the_setting(
+    real_rows: tuple, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import openvino as ov
+
+    # A deliberately poor graph index, so that a leak of the approximate search would change the scores.
+    monkeypatch.setattr(search, "HNSW_NEIGHBORS", 2)
+    monkeypatch.setattr(search, "HNSW_EF_SEARCH", 1)
+    bank, _ = real_rows
+    model = banked_model(bank, "hnsw")
+    raw = demo_images(demo_root, "test/scratch", 2)  # torch and the exported graph get the same input
+    with torch.no_grad():
+        approximate = model(raw).pred_score
+        model.model.search = "exact"
+        exact = model(raw).pred_score
+        model.model.search = "hnsw"
+    assert not torch.allclose(approximate, exact, rtol=1e-3)
+    onnx_path = model.to_onnx(tmp_path)
+    assert model.model.search == "hnsw"
+    compiled = ov.Core().compile_model(ov.Core().read_model(str(onnx_path)), "CPU")
+    exported = compiled(raw.numpy())[compiled.output("pred_score")]
+    assert np.allclose(exported, exact.numpy(), rtol=1e-3)
