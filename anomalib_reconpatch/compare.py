@@ -10,7 +10,6 @@ import gc
 import importlib
 import json
 import os
-import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,10 +22,22 @@ import torch
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from .latency import split_latency_ms
 from .memory import fix_mmap_threshold
 
 METRIC_KEYS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_PRO")
-TIMING_KEYS = ("fit_s", "features_s", "representation_s", "coreset_s", "test_s", "latency_ms", "peak_rss_mb")
+TIMING_KEYS = (
+    "fit_s",
+    "features_s",
+    "representation_s",
+    "coreset_s",
+    "test_s",
+    "latency_ms",
+    "backbone_ms",
+    "search_ms",
+    "rest_ms",
+    "peak_rss_mb",
+)
 MAP_SIZE = 128
 
 
@@ -118,7 +129,11 @@ def build_model(name: str, settings: CompareSettings) -> Any:
 
 
 class PhaseTimer(Callback):
-    """Times feature extraction (the training epoch) and the model's ``fit`` (representation + coreset)."""
+    """Times the model's ``fit`` and, for models that do not time it themselves (PatchCore), feature extraction.
+
+    ReConPatch reports its own ``fit_timings["features_s"]``; ``run_one`` takes that one, so each phase
+    has a single measurement.
+    """
 
     def __init__(self) -> None:
         self.epoch_start = 0.0
@@ -191,26 +206,32 @@ def peak_rss() -> Iterator[dict[str, float]]:
         thread.join()
 
 
-def image_latency_ms(model: Any, datamodule: Any, count: int) -> float:
-    """Median wall time of the full forward (pre-processing, model, post-processing) at batch size 1."""
+def latency_images(datamodule: Any, count: int) -> list[torch.Tensor]:
+    """``count`` test images spread evenly over the test set, read from the dataset itself.
+
+    No dataloader, so no worker processes exist while a model is timed (a live test iterator and its
+    workers used to slow down whichever model was timed first).
+    """
+    dataset = datamodule.test_data
+    indices = sorted({round(i * (len(dataset) - 1) / max(count - 1, 1)) for i in range(count)})
+    return [dataset[i].image for i in indices]
+
+
+def image_latency_ms(model: Any, images: list[torch.Tensor]) -> dict[str, float]:
+    """Median per-image time of the full forward (pre-processing, model, post-processing) at batch size 1.
+
+    Also split into ``backbone_ms``, ``search_ms`` and ``rest_ms`` (see ``latency.py``), after a warm-up.
+    """
     model.eval()
-    images = []
-    for batch in datamodule.test_dataloader():
-        images += list(batch.image)
-        if len(images) >= count:
-            break
-    times = []
-    with torch.no_grad():
-        model(images[0][None])  # warm-up
-        for image in images[:count]:
-            start = time.perf_counter()
-            model(image[None])
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    gc.collect()
+    return split_latency_ms(model, model.model, images)
 
 
 def run_one(name: str, settings: CompareSettings, data_config: dict[str, Any], log: Callable[[str], None]) -> dict:
-    """Train and test one model; returns its metrics, timings and the recorder of its test outputs."""
+    """Train and test one model; returns its metrics, timings and the recorder of its test outputs.
+
+    Latency is timed on the same fixed test images for every model, with no dataloader alive.
+    """
     from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
 
@@ -231,18 +252,17 @@ def run_one(name: str, settings: CompareSettings, data_config: dict[str, Any], l
         start = time.perf_counter()
         metrics = engine.test(model=model, datamodule=datamodule)[0]
         test_s = time.perf_counter() - start
-        latency = image_latency_ms(model, datamodule, settings.latency_images)
+        latency = image_latency_ms(model, latency_images(datamodule, settings.latency_images))
     timings = getattr(model, "fit_timings", {})
-    representation_s = timings.get("representation_s", 0.0)
-    coreset_s = timings.get("coreset_s", timer.fit_s)
+    features_s = timings.get("features_s", timer.features_s)
     result = {key: float(metrics[key]) for key in METRIC_KEYS if key in metrics}
     result.update(
-        fit_s=timer.features_s + timer.fit_s,
-        features_s=timer.features_s,
-        representation_s=representation_s,
-        coreset_s=coreset_s,
+        fit_s=features_s + timer.fit_s,
+        features_s=features_s,
+        representation_s=timings.get("representation_s", 0.0),
+        coreset_s=timings.get("coreset_s", timer.fit_s),
         test_s=test_s,
-        latency_ms=latency,
+        **latency,
         peak_rss_mb=memory["peak_rss_mb"],
         memory_bank=list(model.model.memory_bank.shape),
         test_images=len(recorder.scores),
@@ -393,8 +413,10 @@ def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> di
     setup = (
         f"Backbone `{settings.backbone}` {settings.layers}, {settings.image_size} px, coreset ratio "
         f"{settings.coreset_ratio}, seed {settings.seed}; {report['versions']}.\n\n"
-        "pixel_PRO is anomalib's AUPRO up to 30% false-positive rate. Times in seconds, latency per image "
-        "(batch 1, pre- and post-processing included), peak_rss_mb sampled during each model's fit and test.\n\n"
+        "pixel_PRO is anomalib's AUPRO up to 30% false-positive rate. Times in seconds; latency_ms is the median "
+        f"per-image time at batch 1 over {settings.latency_images} fixed test images (pre- and post-processing "
+        "included), split into backbone_ms (feature extractor), search_ms (nearest memory-bank search) and "
+        "rest_ms (the remainder); peak_rss_mb sampled during each model's fit and test.\n\n"
     )
     (settings.out / "report.md").write_text(
         title + setup + table + "\n\n![ROC](roc.png)\n\n![heatmaps](heatmaps.png)\n"

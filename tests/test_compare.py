@@ -6,12 +6,16 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
+from torch import nn
 
 from anomalib_reconpatch.cli import main
-from anomalib_reconpatch.compare import METRIC_KEYS, TIMING_KEYS, CompareSettings, compare
+from anomalib_reconpatch.compare import METRIC_KEYS, TIMING_KEYS, CompareSettings, compare, latency_images
+from anomalib_reconpatch.latency import split_latency_ms
 
 BIN = Path(sys.executable).parent
 
@@ -45,6 +49,10 @@ def test_report_holds_every_field(report: tuple[Path, dict]) -> None:
         assert numbers["fit_s"] == pytest.approx(
             numbers["features_s"] + numbers["representation_s"] + numbers["coreset_s"], rel=0.05
         )
+        assert numbers["backbone_ms"] > 0
+        assert numbers["search_ms"] > 0
+        parts = numbers["backbone_ms"] + numbers["search_ms"] + numbers["rest_ms"]
+        assert numbers["latency_ms"] == pytest.approx(parts, rel=1e-9)
     assert saved["models"]["ReConPatch"]["representation_s"] > 0
     assert saved["models"]["Patchcore"]["representation_s"] == 0
     assert set(saved["versions"]) == {"anomalib", "torch", "timm", "openvino", "cpu_count"}
@@ -60,6 +68,43 @@ def test_report_numbers_are_the_engines(report: tuple[Path, dict]) -> None:
     for name, engine_metrics in result["engine_metrics"].items():
         for key in METRIC_KEYS:
             assert saved["models"][name][key] == pytest.approx(float(engine_metrics[key]), abs=0, rel=0)
+
+
+class Toy(nn.Module):
+    """Backbone, search and a rest step, each counting its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.feature_extractor = nn.Linear(4, 4)
+        self.calls = {"search": 0}
+
+    def search_bank(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls["search"] += 1
+        return x.sum()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.search_bank(self.feature_extractor(x)) * 2
+
+
+def test_latency_split_times_each_phase_and_restores_the_model() -> None:
+    model = Toy()
+    images = [torch.randn(4) for _ in range(5)]
+    result = split_latency_ms(model, model, images, warmup=2)
+    assert set(result) == {"latency_ms", "backbone_ms", "search_ms", "rest_ms"}
+    assert result["backbone_ms"] > 0
+    assert result["search_ms"] > 0
+    assert result["latency_ms"] == pytest.approx(result["backbone_ms"] + result["search_ms"] + result["rest_ms"])
+    assert model.calls["search"] == 7
+    assert "forward" not in vars(model.feature_extractor)
+    assert "search_bank" not in vars(model)
+
+
+def test_latency_images_are_a_fixed_spread_of_the_test_set() -> None:
+    items = [SimpleNamespace(image=torch.full((1,), float(i))) for i in range(83)]
+    datamodule = SimpleNamespace(test_data=items)
+    picked = [int(image) for image in latency_images(datamodule, 5)]
+    assert picked == [0, 20, 41, 62, 82]
+    assert [int(image) for image in latency_images(datamodule, 5)] == picked
 
 
 def test_compare_rejects_a_missing_data_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

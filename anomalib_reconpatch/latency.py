@@ -1,0 +1,80 @@
+"""Per-image CPU latency at batch 1, split into backbone, memory-bank search and the rest.
+
+Works for ReConPatch's and stock PatchCore's torch models: the backbone is their
+``feature_extractor``; the search is ReConPatch's ``search_bank`` or PatchCore's ``nearest_neighbors``
+(which PatchCore also calls once more per image for its score's support set). The rest is everything
+else the timed call does: pre-processing, pooling, ``f``, score, anomaly map, post-processing.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+SEARCH_METHODS = ("search_bank", "nearest_neighbors")
+
+
+@contextmanager
+def phase_clock(torch_model: nn.Module) -> Iterator[dict[str, float]]:
+    """Add the wall seconds spent in the backbone and in the search to the yielded dict while active."""
+    totals = {"backbone": 0.0, "search": 0.0}
+    search = next((name for name in SEARCH_METHODS if hasattr(torch_model, name)), None)
+    if search is None:
+        msg = f"{type(torch_model).__name__} has none of {SEARCH_METHODS}: cannot time its search."
+        raise TypeError(msg)
+    targets = [("backbone", torch_model.feature_extractor, "forward"), ("search", torch_model, search)]
+    saved = []
+    for phase, owner, name in targets:
+        saved.append((owner, name, vars(owner).get(name)))
+        original = getattr(owner, name)
+
+        def timed(*args: Any, _original: Callable = original, _phase: str = phase, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                totals[_phase] += time.perf_counter() - start
+
+        setattr(owner, name, timed)  # an instance attribute shadows the method for this object only
+    try:
+        yield totals
+    finally:
+        for owner, name, own in saved:
+            if own is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, own)
+
+
+@torch.no_grad()
+def split_latency_ms(
+    forward: Callable[[torch.Tensor], Any], torch_model: nn.Module, images: Sequence[torch.Tensor], warmup: int = 3
+) -> dict[str, float]:
+    """Median per-image milliseconds of ``forward(image[None])`` over ``images``, and of its phases.
+
+    ``rest_ms`` is ``latency_ms - backbone_ms - search_ms``, so the three parts add up to the latency.
+    """
+    for image in list(images)[:warmup]:
+        forward(image[None])
+    totals, backbone, search = [], [], []
+    with phase_clock(torch_model) as clock:
+        for image in images:
+            clock.update(backbone=0.0, search=0.0)
+            start = time.perf_counter()
+            forward(image[None])
+            totals.append(time.perf_counter() - start)
+            backbone.append(clock["backbone"])
+            search.append(clock["search"])
+    result = {
+        "latency_ms": 1000 * statistics.median(totals),
+        "backbone_ms": 1000 * statistics.median(backbone),
+        "search_ms": 1000 * statistics.median(search),
+    }
+    result["rest_ms"] = result["latency_ms"] - result["backbone_ms"] - result["search_ms"]
+    return result
