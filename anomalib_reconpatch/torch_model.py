@@ -89,7 +89,7 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
     ) -> None:
         super().__init__()
         self.search = search
-        self._index: tuple[torch.Tensor, str, object] | None = None
+        self._indexes: dict[str, tuple[torch.Tensor, object]] = {}
         self.backbone = backbone
         self.layers = list(layers)
         self.num_neighbors = num_neighbors
@@ -136,17 +136,19 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         return search_index(self.bank_index(), queries)
 
     def bank_index(self) -> object:
-        """The faiss index of the current bank, rebuilt when the bank (fit, load) or ``search`` changes.
+        """The faiss index of ``search`` over the current bank, built on first use and again when the bank changes.
 
-        The key holds the bank tensor itself, so a new bank can never be mistaken for the indexed one.
+        Each entry holds the bank tensor itself, so a new bank can never be mistaken for the indexed one.
         """
-        if self._index is None or self._index[0] is not self.memory_bank or self._index[1] != self.search:
-            self._index = (self.memory_bank, self.search, build_index(self.memory_bank, self.search))
-        return self._index[2]
+        bank, index = self._indexes.get(self.search, (None, None))
+        if bank is not self.memory_bank:
+            index = build_index(self.memory_bank, self.search)
+            self._indexes[self.search] = (self.memory_bank, index)
+        return index
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
         """Loading copies into the bank in place: drop the index so the next search rebuilds it."""
-        self._index = None
+        self._indexes.clear()
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:

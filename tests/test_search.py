@@ -95,7 +95,7 @@ def test_index_is_lazy_unsaved_and_follows_the_bank(real_rows: tuple, demo_root:
     bank, _ = real_rows
     model = banked_model(bank, "hnsw")
     images = demo_images(demo_root, "test/scratch", 2)
-    assert model.model._index is None
+    assert model.model._indexes == {}
     with torch.no_grad():
         approximate = model.model(images).pred_score
         index = model.model.bank_index()
