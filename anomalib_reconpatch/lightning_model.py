@@ -29,6 +29,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
+from .checks import ARCHITECTURE_KEY, architecture, check_checkpoint_matches, preflight
 from .coreset import FastKCenterGreedy
 from .loss import RelaxedContrastiveLoss
 from .search import SEARCH_OPTIONS
@@ -291,6 +292,25 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
                 logger.info("ReConPatch representation step %d/%d, loss %.4f", step + 1, self.num_steps, loss.item())
                 tick = time.perf_counter()
         online_f.requires_grad_(False)
+
+    def setup(self, stage: str) -> None:
+        """Decode every image (and mask) of the stage's splits and check the data size, before any dataloader.
+
+        A bad file is named here, not minutes later in a dataloader worker; ``setup`` is the last hook
+        before Lightning builds the dataloaders, so 16-bit images can still be read correctly.
+        """
+        super().setup(stage)
+        preflight(self, stage)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the architecture apart from ``hyper_parameters``, which loading with overrides rewrites."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[ARCHITECTURE_KEY] = architecture(self)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint from another backbone, layer set or feature size, saying what to pass."""
+        check_checkpoint_matches(self, checkpoint)
+        super().on_load_checkpoint(checkpoint)
 
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Score a batch: anomaly maps and image scores from nearest memory-bank distances."""

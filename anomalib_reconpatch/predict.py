@@ -3,6 +3,11 @@
 Writes, per image, a heatmap overlay PNG, and one ``scores.csv`` with the score and label of
 every image. Images are read one at a time (memory stays flat however large the folder), and
 nothing is ever written inside the input folder.
+
+An unreadable image (truncated, empty, not an image) does not stop the run: on a production line
+one bad frame must not hold up the rest, nor go unnoticed. It is skipped with a warning that
+names it, gets a row in ``scores.csv`` with an empty score and the reason in the ``error``
+column, and the closing summary counts it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ class PredictSummary:
     images: int
     seconds: float
     csv_path: Path
+    skipped: tuple[tuple[Path, str], ...] = ()
 
     @property
     def images_per_second(self) -> float:
@@ -79,15 +85,19 @@ def check_output_outside(source: Path, out: Path) -> None:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """``1 x 3 x H x W`` float32 in [0, 1], as anomalib reads images (grayscale and RGBA become RGB)."""
-    from anomalib.data.utils import read_image
+    """``1 x 3 x H x W`` float32 in [0, 1], as training read it (see :func:`checks.read_image`).
+
+    Raises :class:`checks.UnreadableImageError` naming the file for a truncated, empty or non-image file.
+    """
+    from .checks import UnreadableImageError, image_problem, read_image
 
     try:
-        image = read_image(path, as_tensor=False)
-    except Exception as error:  # PIL raises several types for broken files
-        msg = f"Cannot read image {path}: {error}. Remove or replace the file."
-        raise ValueError(msg) from error
-    return np.ascontiguousarray(image.astype(np.float32).transpose(2, 0, 1)[None])
+        image = read_image(path)
+    except Exception as error:  # PIL raises several types for broken files; the scan names the cause
+        reason = image_problem(path)[0] or str(error)
+        msg = f"Cannot read image {path}: {reason}. Remove or replace the file."
+        raise UnreadableImageError(msg) from error
+    return np.ascontiguousarray(image.transpose(2, 0, 1)[None])
 
 
 def overlay(image: np.ndarray, anomaly_map: np.ndarray) -> np.ndarray:
@@ -107,17 +117,25 @@ def predict(
     """Score every image of ``source`` with the exported model; write overlays and ``scores.csv`` to ``out``."""
     from PIL import Image
 
+    from .checks import UnreadableImageError
+
     check_output_outside(source, out)
     compiled = load_compiled_model(model_path, device)
     names = {output.get_any_name() for output in compiled.outputs}
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "scores.csv"
-    start, count = time.perf_counter(), 0
+    start, count, skipped = time.perf_counter(), 0, []
     with csv_path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["image", "score", "label", "overlay"])
+        writer.writerow(["image", "score", "label", "overlay", "error"])
         for path in iter_images(source):
-            image = read_rgb(path)
+            try:
+                image = read_rgb(path)
+            except UnreadableImageError as error:
+                log(f"warning: skipped {error}")
+                skipped.append((path, str(error)))
+                writer.writerow([str(path), "", "", "", str(error)])
+                continue
             result = compiled(image)
             score = float(result[compiled.output("pred_score")].reshape(-1)[0])
             label = bool(result[compiled.output("pred_label")].reshape(-1)[0]) if "pred_label" in names else None
@@ -126,8 +144,10 @@ def predict(
             overlay_path = out / "overlays" / relative.with_suffix(".png")
             overlay_path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(overlay(image[0].transpose(1, 2, 0), amap)).save(overlay_path)
-            writer.writerow([str(path), f"{score:.6f}", "" if label is None else int(label), str(overlay_path)])
+            writer.writerow([str(path), f"{score:.6f}", "" if label is None else int(label), str(overlay_path), ""])
             count += 1
-    summary = PredictSummary(images=count, seconds=time.perf_counter() - start, csv_path=csv_path)
+    summary = PredictSummary(count, time.perf_counter() - start, csv_path, tuple(skipped))
     log(f"{count} images in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s); scores in {csv_path}")
+    if skipped:
+        log(f"warning: {len(skipped)} unreadable image(s) skipped; see the error column of {csv_path}")
     return summary

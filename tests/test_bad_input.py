@@ -1,0 +1,322 @@
+"""Bad input fails early with a message that names the file or setting; odd image modes just work."""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from anomalib.data import Folder, MVTecAD
+from anomalib.engine import Engine
+from lightning.pytorch import Callback
+from PIL import Image
+
+from anomalib_reconpatch import ReConPatch
+from anomalib_reconpatch.checks import UnreadableImageError, read_image
+from anomalib_reconpatch.predict import predict
+
+from .conftest import BACKBONE, LAYERS
+
+SETTINGS = {"backbone": BACKBONE, "layers": LAYERS, "num_steps": 20, "coreset_sampling_ratio": 0.02}
+
+
+class BatchCounter(Callback):
+    """Counts training batches: zero proves an error came before any feature extraction."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self.batches += 1
+
+
+def train(root: Path, results: Path, **overrides: object) -> tuple[ReConPatch, Engine, MVTecAD]:
+    """A small ReConPatch fitted by anomalib's Engine on ``root/brick``, seeded so runs are comparable."""
+    torch.manual_seed(0)
+    datamodule = MVTecAD(root=root, category="brick", num_workers=0)
+    model = ReConPatch(**{**SETTINGS, **overrides})
+    engine = Engine(default_root_dir=results, logger=False)
+    engine.fit(model=model, datamodule=datamodule)
+    return model, engine, datamodule
+
+
+@pytest.fixture(scope="module")
+def reference(lite_weights: None, demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The demo brick model: fitted, checkpointed and exported to OpenVINO."""
+    root = tmp_path_factory.mktemp("reference")
+    model, engine, datamodule = train(demo_root, root / "results")
+    engine.trainer.save_checkpoint(root / "model.ckpt")
+    xml = model.eval().to_openvino(root / "openvino")
+    return {"model": model, "engine": engine, "datamodule": datamodule, "ckpt": root / "model.ckpt", "xml": xml}
+
+
+def brick_copy(demo_root: Path, tmp_path: Path) -> Path:
+    """A private copy of the demo brick category (the shared demo set is never damaged)."""
+    shutil.copytree(demo_root / "brick", tmp_path / "data" / "brick")
+    return tmp_path / "data"
+
+
+def damage(path: Path, kind: str) -> None:
+    """Turn a real PNG into a truncated file, an empty file or text with an image extension."""
+    data = path.read_bytes()
+    contents = {"truncated": data[: len(data) // 2], "empty": b"", "not_an_image": b"serial,score\n1,0.5\n"}
+    path.write_bytes(contents[kind])
+
+
+REASONS = {
+    "truncated": "corrupt or truncated image",
+    "empty": "the file is empty (0 bytes)",
+    "not_an_image": "not an image file",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REASONS))
+def test_unreadable_training_image_stops_fit_before_any_batch(
+    lite_weights: None, demo_root: Path, tmp_path: Path, kind: str
+) -> None:
+    root = brick_copy(demo_root, tmp_path)
+    bad = root / "brick" / "train" / "good" / "003.png"
+    damage(bad, kind)
+    counter = BatchCounter()
+    engine = Engine(default_root_dir=tmp_path / "results", logger=False, callbacks=[counter])
+    with pytest.raises(UnreadableImageError) as error:
+        engine.fit(model=ReConPatch(**SETTINGS), datamodule=MVTecAD(root=root, category="brick", num_workers=0))
+    assert f"{bad}: {REASONS[kind]}" in str(error.value)
+    assert "Remove or replace" in str(error.value)
+    assert counter.batches == 0
+
+
+def test_every_unreadable_file_is_listed_at_once(lite_weights: None, demo_root: Path, tmp_path: Path) -> None:
+    root = brick_copy(demo_root, tmp_path)
+    bad = [root / "brick" / "train" / "good" / "000.png", root / "brick" / "test" / "stain" / "001.png"]
+    damage(bad[0], "empty")
+    damage(bad[1], "truncated")
+    engine = Engine(default_root_dir=tmp_path / "results", logger=False)
+    with pytest.raises(UnreadableImageError, match=r"^2 data") as error:
+        engine.fit(model=ReConPatch(**SETTINGS), datamodule=MVTecAD(root=root, category="brick", num_workers=0))
+    assert all(str(path) in str(error.value) for path in bad)
+
+
+@pytest.mark.parametrize(
+    ("relative", "kind"),
+    [
+        ("test/scratch/001.png", "truncated"),
+        ("test/good/002.png", "empty"),
+        ("test/patch/000.png", "not_an_image"),
+        ("ground_truth/stain/002_mask.png", "truncated"),
+    ],
+)
+def test_unreadable_test_image_or_mask_stops_test_naming_it(
+    reference: dict, demo_root: Path, tmp_path: Path, relative: str, kind: str
+) -> None:
+    root = brick_copy(demo_root, tmp_path)
+    bad = root / "brick" / relative
+    damage(bad, kind)
+    engine = Engine(default_root_dir=tmp_path / "results", logger=False)
+    with pytest.raises(UnreadableImageError, match="Remove or replace") as error:
+        engine.test(model=reference["model"], datamodule=MVTecAD(root=root, category="brick", num_workers=0))
+    assert f"{bad}: {REASONS[kind]}" in str(error.value)
+
+
+def test_predict_skips_unreadable_images_and_lists_them(reference: dict, demo_root: Path, tmp_path: Path) -> None:
+    source = tmp_path / "line"
+    shutil.copytree(demo_root / "brick" / "test", source)
+    broken = {source / "good" / "001.png": "empty", source / "scratch" / "002.png": "truncated"}
+    for path, kind in broken.items():
+        damage(path, kind)
+    (source / "stain" / "notes.jpg").write_text("operator notes, saved with the wrong extension")
+    messages: list[str] = []
+    summary = predict(reference["xml"], source, tmp_path / "out", log=messages.append)
+    total = len(list(source.rglob("*.png"))) + 1
+    assert summary.images == total - 3
+    assert {path for path, _ in summary.skipped} == {*broken, source / "stain" / "notes.jpg"}
+    rows = {Path(r["image"]): r for r in csv.DictReader(summary.csv_path.open())}
+    assert len(rows) == total
+    for path in summary.skipped:
+        assert rows[path[0]]["score"] == ""
+        assert str(path[0]) in rows[path[0]]["error"]
+        assert "Remove or replace" in rows[path[0]]["error"]
+    scored = [float(r["score"]) for r in rows.values() if not r["error"]]
+    assert len(scored) == total - 3
+    assert all(math.isfinite(s) for s in scored)
+    assert any("3 unreadable image(s) skipped" in m for m in messages)
+    assert any(str(source / "good" / "001.png") in m and "empty" in m for m in messages)
+
+
+def convert(path: Path, mode: str) -> None:
+    """Rewrite a demo image (gray texture stored as RGB) in place as L, I;16 (full 16-bit range) or RGBA."""
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    gray = rgb[..., 0]
+    assert mode == "RGBA" or is_gray(path)  # the demo textures are gray, so L and I;16 lose nothing
+    if mode == "L":
+        Image.fromarray(gray, mode="L").save(path)
+    elif mode == "I;16":
+        Image.fromarray(gray.astype(np.uint16) * 257).save(path)  # 255 -> 65535: the full 16-bit range
+    elif mode == "RGBA":
+        Image.fromarray(np.dstack([rgb, np.full_like(gray, 255)]), mode="RGBA").save(path)
+    assert Image.open(path).mode == mode
+
+
+MODES = ("L", "I;16", "RGBA")
+
+
+def is_gray(path: Path) -> bool:
+    """Demo images are gray photos stored as RGB, except the tinted stains."""
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    return bool((rgb == rgb[..., :1]).all())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_image_modes_read_as_the_rgb_original(demo_root: Path, tmp_path: Path, mode: str) -> None:
+    from anomalib.data.utils import read_image as anomalib_read_image
+
+    original = demo_root / "brick" / "test" / "scratch" / "000.png"
+    path = tmp_path / "image.png"
+    shutil.copy(original, path)
+    convert(path, mode)
+    expected = np.asarray(Image.open(original).convert("RGB"), dtype=np.float32) / 255
+    assert np.allclose(read_image(path), expected, atol=1e-6)
+    if mode == "I;16":  # why 16-bit needs our reader: anomalib's convert("RGB") clips at 255, i.e. white
+        assert (anomalib_read_image(path) == 1.0).mean() > 0.95
+    else:
+        assert np.allclose(anomalib_read_image(path), expected, atol=1e-6)
+
+
+def mixed_mode_copy(demo_root: Path, tmp_path: Path) -> Path:
+    """Brick with its train and test images cycled through L, I;16, RGBA and RGB (tinted stains: RGBA)."""
+    root = brick_copy(demo_root, tmp_path)
+    images = sorted(p for p in (root / "brick").glob("t*/*/*.png"))
+    for index, path in enumerate(images):
+        if index % 4 < len(MODES):
+            convert(path, MODES[index % 4] if is_gray(path) else "RGBA")
+    return root
+
+
+def test_predict_on_gray_16bit_rgba_matches_rgb(reference: dict, demo_root: Path, tmp_path: Path) -> None:
+    root = mixed_mode_copy(demo_root, tmp_path)
+    rgb = predict(reference["xml"], demo_root / "brick" / "test", tmp_path / "rgb", log=lambda _: None)
+    mixed = predict(reference["xml"], root / "brick" / "test", tmp_path / "mixed", log=lambda _: None)
+    rgb_scores = [float(r["score"]) for r in csv.DictReader(rgb.csv_path.open())]
+    mixed_scores = [float(r["score"]) for r in csv.DictReader(mixed.csv_path.open())]
+    assert len(mixed_scores) == 18
+    assert np.allclose(mixed_scores, rgb_scores, atol=1e-5)
+    assert all(0.0 <= s <= 1.0 for s in mixed_scores)
+
+
+@pytest.mark.slow
+def test_training_and_testing_on_gray_16bit_rgba_match_rgb(reference: dict, demo_root: Path, tmp_path: Path) -> None:
+    root = mixed_mode_copy(demo_root, tmp_path)
+    model, engine, datamodule = train(root, tmp_path / "results")
+    # Same coreset rows; float rounding of the 16-bit scaling (x * 257 / 65535 vs x / 255) moves f a hair.
+    assert torch.allclose(model.model.memory_bank, reference["model"].model.memory_bank, rtol=1e-3, atol=2e-3)
+    ours = engine.predict(model=model, datamodule=datamodule)
+    theirs = reference["engine"].predict(model=reference["model"], datamodule=reference["datamodule"])
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.isfinite(a.pred_score).all()
+        assert torch.allclose(a.pred_score, b.pred_score, atol=1e-3)
+    labels = torch.cat([a.gt_label for a in ours])
+    scores = torch.cat([a.pred_score for a in ours])
+    assert scores[labels == 1].min() > scores[labels == 0].max()  # sensible: every defect above every good
+
+
+def test_empty_training_folder_is_named(lite_weights: None, tmp_path: Path) -> None:
+    (tmp_path / "data" / "good").mkdir(parents=True)
+    datamodule = Folder(name="line", root=tmp_path / "data", normal_dir="good", num_workers=0)
+    engine = Engine(default_root_dir=tmp_path / "results", logger=False)
+    with pytest.raises(RuntimeError, match=f"Found 0 .* images in {re.escape(str(tmp_path / 'data' / 'good'))}"):
+        engine.fit(model=ReConPatch(**SETTINGS), datamodule=datamodule)
+
+
+def test_empty_training_folder_in_mvtec_layout_is_named(lite_weights: None, demo_root: Path, tmp_path: Path) -> None:
+    root = brick_copy(demo_root, tmp_path)
+    for path in (root / "brick" / "train" / "good").glob("*.png"):
+        path.unlink()
+    counter = BatchCounter()
+    engine = Engine(default_root_dir=tmp_path / "results", logger=False, callbacks=[counter])
+    with pytest.raises(ValueError, match=f"No training images found under {re.escape(str(root / 'brick'))}: add"):
+        engine.fit(model=ReConPatch(**SETTINGS), datamodule=MVTecAD(root=root, category="brick", num_workers=0))
+    assert counter.batches == 0
+
+
+def test_coreset_ratio_selecting_nothing_stops_before_training(
+    lite_weights: None, demo_root: Path, tmp_path: Path
+) -> None:
+    counter = BatchCounter()
+    engine = Engine(default_root_dir=tmp_path, logger=False, callbacks=[counter])
+    model = ReConPatch(**{**SETTINGS, "coreset_sampling_ratio": 1e-9})
+    with pytest.raises(ValueError, match=r"--model.coreset_sampling_ratio=1e-09 keeps no memory-bank point") as error:
+        engine.fit(model=model, datamodule=MVTecAD(root=demo_root, category="brick", num_workers=0))
+    assert "24 image(s) x 32x32 patches" in str(error.value)
+    assert counter.batches == 0
+
+
+@pytest.mark.parametrize(
+    ("override", "shown"),
+    [
+        ({"layers": ["blocks.1", "blocks.2"]}, "layers=['blocks.1', 'blocks.2'], embedding_dim=None (feature dim 64)"),
+        ({"embedding_dim": 64}, "embedding_dim=64 (feature dim 64)"),
+        ({"backbone": "tf_efficientnet_lite1", "pre_trained": False}, "backbone=tf_efficientnet_lite1"),
+    ],
+)
+def test_checkpoint_from_another_architecture_is_refused(reference: dict, override: dict, shown: str) -> None:
+    with pytest.raises(ValueError, match="This checkpoint was trained with") as error:
+        ReConPatch.load_from_checkpoint(reference["ckpt"], **override)
+    message = str(error.value)
+    assert "backbone=tf_efficientnet_lite0, layers=['blocks.2', 'blocks.4'], embedding_dim=None (feature dim 152)" in (
+        message
+    )
+    assert shown in message
+    assert "--model.backbone tf_efficientnet_lite0 --model.layers '[blocks.2, blocks.4]'" in message
+
+
+def test_checkpoint_without_architecture_record_is_checked_by_its_hyperparameters(reference: dict) -> None:
+    from anomalib_reconpatch.checks import ARCHITECTURE_KEY, check_checkpoint_matches
+
+    stored = torch.load(reference["ckpt"], map_location="cpu", weights_only=False)
+    assert stored.pop(ARCHITECTURE_KEY)["feature_dim"] == 152
+    check_checkpoint_matches(ReConPatch(**SETTINGS), stored)  # the same architecture passes
+    with pytest.raises(ValueError, match=r"layers, feature_dim differ"):
+        check_checkpoint_matches(ReConPatch(**{**SETTINGS, "layers": ["blocks.1", "blocks.2"]}), stored)
+
+
+def test_engine_refuses_checkpoint_of_other_layers(reference: dict, tmp_path: Path) -> None:
+    engine = Engine(default_root_dir=tmp_path, logger=False)
+    model = ReConPatch(**{**SETTINGS, "layers": ["blocks.1", "blocks.2"]})
+    with pytest.raises(ValueError, match=r"--model.layers '\[blocks.2, blocks.4\]'"):
+        engine.test(model=model, datamodule=reference["datamodule"], ckpt_path=reference["ckpt"])
+
+
+def test_checkpoint_reproduces_scores_without_any_data(reference: dict, demo_root: Path) -> None:
+    stored = torch.load(reference["ckpt"], map_location="cpu", weights_only=False)
+    assert stored["hyper_parameters"]["backbone"] == BACKBONE
+    assert list(stored["hyper_parameters"]["layers"]) == LAYERS
+    transforms = stored["anomalib_pre_processor_config"]["transform"]["init_args"]["transforms"]
+    assert transforms[0]["init_args"]["size"] == [256, 256]
+    assert transforms[1]["init_args"]["mean"] == [0.485, 0.456, 0.406]
+    assert torch.equal(stored["state_dict"]["model.memory_bank"], reference["model"].model.memory_bank)
+    reloaded = ReConPatch.load_from_checkpoint(reference["ckpt"]).eval()  # no datamodule anywhere
+    files = sorted((demo_root / "brick" / "test").glob("*/*.png"))[::3]
+    images = torch.stack([torch.from_numpy(read_image(f)).permute(2, 0, 1) for f in files])
+    with torch.no_grad():
+        expected = reference["model"].eval()(images)
+        got = reloaded(images)
+    assert torch.equal(got.pred_score, expected.pred_score)
+    assert torch.equal(got.anomaly_map, expected.anomaly_map)
+
+
+def test_exported_model_alone_reproduces_scores(reference: dict, demo_root: Path, tmp_path: Path) -> None:
+    alone = tmp_path / "shipped"
+    alone.mkdir()
+    for suffix in (".xml", ".bin"):
+        shutil.copy(reference["xml"].with_suffix(suffix), alone / f"model{suffix}")
+    summary = predict(alone / "model.xml", demo_root / "brick" / "test", tmp_path / "out", log=lambda _: None)
+    rows = list(csv.DictReader(summary.csv_path.open()))
+    images = torch.stack([torch.from_numpy(read_image(r["image"])).permute(2, 0, 1) for r in rows])
+    with torch.no_grad():
+        expected = reference["model"].eval()(images).pred_score
+    assert np.allclose([float(r["score"]) for r in rows], expected.numpy(), atol=1e-4)
