@@ -1,9 +1,10 @@
-"""What the benchmark scripts share: the data arguments and the backbone pass over a split."""
+"""What the benchmark scripts share: the data arguments, the backbone pass over a split, scoring and metrics."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -45,3 +46,45 @@ def cache(model: ReConPatch, loader: torch.utils.data.DataLoader, test: bool) ->
 def flat_patches(features: torch.Tensor) -> torch.Tensor:
     """``B x D x h x w`` -> ``(B h w) x D`` patch rows."""
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+
+
+@torch.no_grad()
+def score(model: ReConPatch, features: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image scores and anomaly maps from cached patch features, as the model's eval forward computes them.
+
+    The search is the model's own ``search_bank``, so its ``search`` setting applies.
+    """
+    from anomalib_reconpatch.anomaly_map import reweighted_image_score
+
+    scores, maps = [], []
+    bank = model.model.memory_bank
+    for chunk in features.split(16):
+        emb = model.model.embed(chunk.permute(0, 2, 3, 1))
+        b, h, w, d = emb.shape
+        dist, nearest = model.model.search_bank(emb.reshape(-1, d))
+        patch = dist.reshape(b, -1)
+        scores.append(reweighted_image_score(patch, nearest.reshape(b, -1), emb.reshape(b, -1, d), bank, 9))
+        maps.append(model.model.anomaly_map_generator(patch.reshape(b, 1, h, w), size))
+    return torch.cat(scores), torch.cat(maps)
+
+
+def evaluate(scores: torch.Tensor, maps: torch.Tensor, test: dict, pixel: bool = True) -> dict[str, float]:
+    """Anomalib's image AUROC and, with ``pixel``, pixel AUROC and PRO (AUPRO to 30% FPR) of a cached test split."""
+    from anomalib.metrics import AUPRO, AUROC
+
+    # torchmetrics squashes values outside [0, 1] with a sigmoid: min-max them first, as anomalib's
+    # post-processor does (a monotonic map, so the AUROC and PRO values are unchanged by it).
+    scores, maps = (
+        (scores - scores.min()) / (scores.max() - scores.min()),
+        (maps - maps.min()) / (maps.max() - maps.min()),
+    )
+    outputs = SimpleNamespace(
+        pred_score=scores, gt_label=test["labels"], anomaly_map=maps[:, 0], gt_mask=test["masks"].int()
+    )
+    metrics = {"image_AUROC": AUROC(fields=["pred_score", "gt_label"])}
+    if pixel:
+        metrics["pixel_AUROC"] = AUROC(fields=["anomaly_map", "gt_mask"])
+        metrics["PRO"] = AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3)
+    for metric in metrics.values():
+        metric.update(outputs)
+    return {name: float(metric.compute()) for name, metric in metrics.items()}

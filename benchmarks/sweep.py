@@ -13,13 +13,11 @@ A ``seed=N`` item (default 0) seeds that setting's run, to see the spread over s
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import torch
 import yaml
-from anomalib.metrics import AUPRO, AUROC
 from anomalib.models.components.dimensionality_reduction import SparseRandomProjection
-from common import cache, data_parser, flat_patches, load_data
+from common import cache, data_parser, evaluate, flat_patches, load_data, score
 
 from anomalib_reconpatch import ReConPatch
 from anomalib_reconpatch.coreset import FastKCenterGreedy, greedy_k_center
@@ -28,24 +26,6 @@ from anomalib_reconpatch.coreset import FastKCenterGreedy, greedy_k_center
 def parse_setting(text: str) -> dict:
     """``a=1,b=2`` -> ``{"a": 1, "b": 2}`` (YAML values)."""
     return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in text.split(",") if item)}
-
-
-@torch.no_grad()
-def score(model: ReConPatch, features: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image scores and anomaly maps from cached patch features, as the model's eval forward computes them."""
-    from anomalib_reconpatch.anomaly_map import reweighted_image_score
-    from anomalib_reconpatch.torch_model import nearest_bank_rows
-
-    scores, maps = [], []
-    bank = model.model.memory_bank
-    for chunk in features.split(16):
-        emb = model.model.embed(chunk.permute(0, 2, 3, 1))
-        b, h, w, d = emb.shape
-        dist, nearest = nearest_bank_rows(emb.reshape(-1, d), bank)
-        patch = dist.reshape(b, -1)
-        scores.append(reweighted_image_score(patch, nearest.reshape(b, -1), emb.reshape(b, -1, d), bank, 9))
-        maps.append(model.model.anomaly_map_generator(patch.reshape(b, 1, h, w), size))
-    return torch.cat(scores), torch.cat(maps)
 
 
 def select_bank(embedded: torch.Tensor, ratio: float, space: str) -> torch.Tensor:
@@ -82,24 +62,10 @@ def main() -> None:
         trained = time.perf_counter() - start
         with torch.no_grad():
             model.model.memory_bank = select_bank(model.model.embed(train_flat), args.coreset_ratio, coreset_space)
-        scores, maps = score(model, test["features"], size)
-        # torchmetrics squashes values outside [0, 1] with a sigmoid: min-max them first, as anomalib's
-        # post-processor does (a monotonic map, so the AUROC and PRO values are unchanged by it).
-        scores, maps = (
-            (scores - scores.min()) / (scores.max() - scores.min()),
-            (maps - maps.min()) / (maps.max() - maps.min()),
-        )
-        outputs = SimpleNamespace(
-            pred_score=scores, gt_label=test["labels"], anomaly_map=maps[:, 0], gt_mask=test["masks"].int()
-        )
-        image = AUROC(fields=["pred_score", "gt_label"])
-        pixel = AUROC(fields=["anomaly_map", "gt_mask"])
-        pro = AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3)
-        for metric in (image, pixel, pro):
-            metric.update(outputs)
+        metrics = evaluate(*score(model, test["features"], size), test)
         print(
-            f"{text or 'defaults':60s} image_AUROC {image.compute():.4f} pixel_AUROC {pixel.compute():.4f} "
-            f"PRO {pro.compute():.4f} train {trained:.0f}s",
+            f"{text or 'defaults':60s} image_AUROC {metrics['image_AUROC']:.4f} "
+            f"pixel_AUROC {metrics['pixel_AUROC']:.4f} PRO {metrics['PRO']:.4f} train {trained:.0f}s",
             flush=True,
         )
 
