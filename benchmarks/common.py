@@ -61,7 +61,7 @@ def score(model: ReConPatch, features: torch.Tensor, size: tuple[int, int]) -> t
     for chunk in features.split(16):
         emb = model.model.embed(chunk.permute(0, 2, 3, 1))
         b, h, w, d = emb.shape
-        dist, nearest = model.model.search_bank(emb.reshape(-1, d))
+        dist, nearest = model.model.search_bank(emb.reshape(-1, d), b)
         patch = dist.reshape(b, -1)
         scores.append(reweighted_image_score(patch, nearest.reshape(b, -1), emb.reshape(b, -1, d), bank, 9))
         maps.append(model.model.anomaly_map_generator(patch.reshape(b, 1, h, w), size))

@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from anomalib_reconpatch import ReConPatch, ReConPatchModel, search
-from anomalib_reconpatch.torch_model import nearest_bank_rows
+from anomalib_reconpatch.torch_model import nearest_bank_rows, refine_top_patches
 
 from .conftest import BACKBONE, LAYERS
 from .test_model import demo_images
@@ -103,32 +103,50 @@ def test_index_is_lazy_unsaved_and_follows_the_bank(real_rows: tuple, demo_root:
         assert not any("index" in key for key in model.state_dict())
         model.model.search = "exact"
         exact = model.model(images).pred_score
-        assert torch.allclose(approximate, exact, rtol=1e-3)
+        assert torch.allclose(approximate, exact, rtol=1e-5)
         model.model.search = "hnsw"
         model.model.load_state_dict({**model.model.state_dict(), "memory_bank": bank[: len(bank) // 2].clone()})
         assert model.model.bank_index() is not index
         assert model.model.bank_index().ntotal == len(bank) // 2
 
 
+@pytest.fixture
+def poor_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deliberately poor HNSW graph: many patches get a wrong, farther neighbour."""
+    monkeypatch.setattr(search, "HNSW_NEIGHBORS", 2)
+    monkeypatch.setattr(search, "HNSW_EF_SEARCH", 1)
+
+
+def test_refinement_certifies_each_images_largest_distance(real_rows: tuple, poor_index: None) -> None:
+    bank, queries = real_rows
+    distances, nearest = search.search_index(search.build_index(bank, "hnsw"), queries)
+    exact, _ = brute_force(queries, bank)
+    assert (distances.double() > exact + 1e-3).float().mean() > 0.05  # the index alone is often wrong
+    refined, refined_nearest = refine_top_patches(queries, bank, distances, nearest, batch=2)
+    per_image = exact.reshape(2, -1).max(dim=1).values
+    assert torch.allclose(refined.reshape(2, -1).max(dim=1).values.double(), per_image, rtol=1e-5)
+    top = refined.reshape(2, -1).argmax(dim=1) + torch.tensor([0, len(queries) // 2])
+    assert torch.equal(refined_nearest[top], brute_force(queries[top], bank)[1])
+
+
 def test_export_traces_exact_search_whatever_the_setting(
-    real_rows: tuple, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    real_rows: tuple, demo_root: Path, tmp_path: Path, poor_index: None
 ) -> None:
     import openvino as ov
 
-    # A deliberately poor graph index, so that a leak of the approximate search would change the scores.
-    monkeypatch.setattr(search, "HNSW_NEIGHBORS", 2)
-    monkeypatch.setattr(search, "HNSW_EF_SEARCH", 1)
     bank, _ = real_rows
     model = banked_model(bank, "hnsw")
     raw = demo_images(demo_root, "test/scratch", 2)  # torch and the exported graph get the same input
     with torch.no_grad():
-        approximate = model(raw).pred_score
+        approximate = model(raw).anomaly_map  # the map keeps approximate distances outside the top patches
         model.model.search = "exact"
-        exact = model(raw).pred_score
+        exact = model(raw)
         model.model.search = "hnsw"
-    assert not torch.allclose(approximate, exact, rtol=1e-3)
+    tolerance = 1e-3 * float(exact.anomaly_map.max() - exact.anomaly_map.min())
+    assert (approximate - exact.anomaly_map).abs().max() > 100 * tolerance
     onnx_path = model.to_onnx(tmp_path)
     assert model.model.search == "hnsw"
     compiled = ov.Core().compile_model(ov.Core().read_model(str(onnx_path)), "CPU")
-    exported = compiled(raw.numpy())[compiled.output("pred_score")]
-    assert np.allclose(exported, exact.numpy(), rtol=1e-3)
+    result = compiled(raw.numpy())
+    assert np.allclose(result[compiled.output("pred_score")], exact.pred_score.numpy(), rtol=1e-3)
+    assert np.abs(result[compiled.output("anomaly_map")] - exact.anomaly_map.numpy()).max() <= tolerance
