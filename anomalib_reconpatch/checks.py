@@ -1,10 +1,11 @@
-"""Pre-flight checks on the data, run by the model's Lightning hooks before any real work.
+"""Pre-flight checks on the data, run by the model's Lightning ``setup`` hook before any real work.
 
 Why here: anomalib reads each image inside the dataloader, so a broken file surfaces as a bare
 PIL traceback (often from a worker process) after minutes of feature extraction or training. A
-full decode of every image up front costs about 2 ms per 320 px PNG and names every bad file at
-once. The scan also finds 16-bit grayscale images, which anomalib's ``read_image`` turns almost
-white (PIL's ``convert("RGB")`` clips values above 255); those are scaled to [0, 1] instead.
+full decode of every image up front costs about 2 ms per 320 px PNG (0.4 s for the 209 MVTec AD
+bottle training images) and names every bad file at once. The scan also finds 16-bit grayscale
+images, which anomalib's ``read_image`` turns almost white (PIL's ``convert("RGB")`` clips values
+above 255); those are scaled to [0, 1] instead.
 """
 
 from __future__ import annotations
@@ -223,7 +224,7 @@ def check_training_size(module: Any, datamodule: Any, scan: ImageScan) -> None:
     if int(n_patches * ratio) == 0:
         msg = (
             f"--model.coreset_sampling_ratio={ratio} keeps no memory-bank point of the {n_patches} training patches "
-            f"({n_images} image(s) x {grid[0]}x{grid[1]} patches): set it to at least {1 / n_patches:.2g} "
+            f"({n_images} image(s) x {grid[0]}x{grid[1]} patches): set it to at least 1/{n_patches} "
             "or add training images."
         )
         raise ValueError(msg)

@@ -1,0 +1,120 @@
+"""Load test of ``reconpatch predict``: throughput and peak memory on 100 and 1,000 images.
+
+Writes copies of the demo test images into a temporary folder (never the user's data), runs
+``reconpatch predict`` on each folder size in a fresh subprocess, and prints one table row per
+size. Peak RSS comes from ``os.wait4`` (the child's own ``ru_maxrss``); images/s is what
+predict reports for its loop (reading, inference, overlay and CSV writing), and the wall time
+includes interpreter start-up and model compilation. Streaming means peak RSS stays flat as the
+folder grows.
+
+    .venv/bin/python benchmarks/predict_load.py               # builds a small demo model first
+    .venv/bin/python benchmarks/predict_load.py --model model.xml --counts 100 1000 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def build_model(work: Path, image_size: int) -> Path:
+    """Train a small ReConPatch on the demo grass category and export it to OpenVINO."""
+    import torch
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+
+    from anomalib_reconpatch import ReConPatch
+    from anomalib_reconpatch.demo_data import DemoConfig, write_demo_dataset
+    from anomalib_reconpatch.weights import write_lite_weights
+
+    write_lite_weights(0)
+    write_demo_dataset(work / "demo", ("grass",), DemoConfig(image_size=image_size))
+    torch.manual_seed(0)
+    model = ReConPatch(
+        backbone="tf_efficientnet_lite0", layers=["blocks.2", "blocks.4"], num_steps=100, coreset_sampling_ratio=0.02
+    )
+    engine = Engine(default_root_dir=work / "results", logger=False, enable_progress_bar=False)
+    engine.fit(model=model, datamodule=MVTecAD(root=work / "demo", category="grass", num_workers=0))
+    return model.eval().to_openvino(work / "openvino")
+
+
+def write_images(sources: list[Path], folder: Path, count: int) -> None:
+    """``count`` images in ``folder``: the demo test images copied round-robin."""
+    folder.mkdir(parents=True)
+    for index in range(count):
+        shutil.copyfile(sources[index % len(sources)], folder / f"{index:05d}.png")
+
+
+def run_predict(model: Path, images: Path, out: Path) -> dict[str, float]:
+    """One ``reconpatch predict`` subprocess: wall time, the loop's images/s and the child's peak RSS."""
+    command = [sys.executable, "-m", "anomalib_reconpatch.cli", "predict"]
+    command += ["--model", str(model), "--input", str(images), "--out", str(out)]
+    out.mkdir(parents=True)
+    log = out.parent / f"{out.name}.log"
+    start = time.perf_counter()
+    with log.open("w") as handle:  # a file, not a pipe: a chatty child can never block on a full pipe
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage, unlike RUSAGE_CHILDREN
+    wall = time.perf_counter() - start
+    stdout = log.read_text()
+    code = process.returncode = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        msg = f"reconpatch predict failed ({code}):\n{stdout[-2000:]}"
+        raise RuntimeError(msg)
+    found = re.search(r"(\d+) images in ([\d.]+) s \(([\d.]+) images/s\)", stdout)
+    if found is None:
+        msg = f"unexpected predict output: {stdout[-500:]}"
+        raise RuntimeError(msg)
+    return {
+        "images": int(found.group(1)),
+        "loop_s": float(found.group(2)),
+        "images_per_s": float(found.group(3)),
+        "wall_s": wall,
+        "peak_rss_mb": usage.ru_maxrss / 1024,  # KiB on Linux
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build or take a model, run predict on each folder size, print a Markdown table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="exported model.xml; default: train and export a small demo model")
+    parser.add_argument("--counts", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--image-size", type=int, default=256, help="side of the demo images written (pixels)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="predict_load_") as tmp:
+        work = Path(tmp)
+        model = args.model or build_model(work, args.image_size)
+        demo = work / "demo"
+        if not demo.is_dir():
+            from anomalib_reconpatch.demo_data import DemoConfig, write_demo_dataset
+
+            write_demo_dataset(demo, ("grass",), DemoConfig(image_size=args.image_size))
+        sources = sorted((demo / "grass" / "test").rglob("*.png"))
+        rows = []
+        for count in args.counts:
+            write_images(sources, work / f"images_{count}", count)
+            rows.append(run_predict(model, work / f"images_{count}", work / f"out_{count}"))
+            shutil.rmtree(work / f"images_{count}")
+            shutil.rmtree(work / f"out_{count}")
+    print(f"model: {args.model or 'demo grass, built here'}; images {args.image_size}x{args.image_size} px PNG")
+    print("| images | wall s | loop s | images/s | peak RSS MB |")
+    print("|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(
+            f"| {row['images']} | {row['wall_s']:.1f} | {row['loop_s']:.1f} | {row['images_per_s']:.1f} "
+            f"| {row['peak_rss_mb']:.0f} |"
+        )
+    growth = rows[-1]["peak_rss_mb"] - rows[0]["peak_rss_mb"]
+    print(f"peak RSS change from {rows[0]['images']} to {rows[-1]['images']} images: {growth:+.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
