@@ -32,6 +32,7 @@ from torch import nn
 from .checks import ARCHITECTURE_KEY, architecture, check_checkpoint_matches, preflight
 from .coreset import FastKCenterGreedy
 from .loss import RelaxedContrastiveLoss
+from .quantize import quantize_on_training_images
 from .search import SEARCH_OPTIONS
 from .similarity import pseudo_labels
 from .spill import FeatureSpill, SpilledFeatures
@@ -332,3 +333,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
     def configure_post_processor() -> PostProcessor:
         """Anomalib's one-class post-processor (adaptive thresholds, min-max normalisation)."""
         return PostProcessor()
+
+    def _post_training_quantization_ov(self, model: Any, datamodule: Any = None) -> Any:
+        """INT8_PTQ hook of anomalib's ExportMixin: quantize only the bank search, calibrated on training images."""
+        return quantize_on_training_images(model, datamodule)

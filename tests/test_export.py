@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
+from anomalib.metrics import AUROC
 
 from anomalib_reconpatch import ReConPatch
 
@@ -64,6 +66,39 @@ def test_onnx_export_loads_in_openvino(exported: tuple) -> None:
     compiled = ov.Core().compile_model(ov.Core().read_model(str(onnx_path)), "CPU")
     out = compiled(np.zeros((1, 3, 128, 128), dtype=np.float32))
     assert out[compiled.output("pred_score")].shape == (1,)
+
+
+def test_int8_ptq_calibrates_on_training_images_and_keeps_the_ranking(
+    exported: tuple, demo_root: Path, tmp_path: Path
+) -> None:
+    import openvino as ov
+    from anomalib.deploy import CompressionType
+
+    model, fp32_xml, _ = exported
+    datamodule = MVTecAD(root=demo_root, category="grass", num_workers=0)
+    int8_xml = model.to_openvino(tmp_path, compression_type=CompressionType.INT8_PTQ, datamodule=datamodule)
+    ops = {op.get_type_name() for op in ov.Core().read_model(str(int8_xml)).get_ops()}
+    assert "FakeQuantize" in ops  # really quantized, not a silent FP32 copy
+    images = torch.cat([raw_images(demo_root, split, 4) for split in ("test/good", "test/scratch", "test/stain")])
+    labels = np.array([0] * 4 + [1] * 8)
+    scores = {}
+    for name, xml in (("fp32", fp32_xml), ("int8", int8_xml)):
+        compiled = ov.Core().compile_model(str(xml), "CPU")
+        outputs = [compiled(image[None].numpy())[compiled.output("pred_score")] for image in images]
+        scores[name] = np.concatenate(outputs)
+    auroc = {}
+    for name, values in scores.items():
+        metric = AUROC(fields=["pred_score", "gt_label"])
+        metric.update(SimpleNamespace(pred_score=torch.from_numpy(values), gt_label=torch.from_numpy(labels)))
+        auroc[name] = float(metric.compute())
+    assert abs(auroc["int8"] - auroc["fp32"]) <= 0.005
+
+
+def test_int8_ptq_without_data_says_what_to_pass(exported: tuple, tmp_path: Path) -> None:
+    from anomalib.deploy import CompressionType
+
+    with pytest.raises(ValueError, match="calibrates on the training images"):
+        exported[0].to_openvino(tmp_path, compression_type=CompressionType.INT8_PTQ)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
