@@ -243,6 +243,18 @@ def test_empty_training_folder_in_mvtec_layout_is_named(lite_weights: None, demo
     assert counter.batches == 0
 
 
+def test_too_few_patches_for_k_stops_before_training(lite_weights: None, demo_root: Path, tmp_path: Path) -> None:
+    root = brick_copy(demo_root, tmp_path)
+    for path in sorted((root / "brick" / "train" / "good").glob("*.png"))[1:]:
+        path.unlink()
+    counter = BatchCounter()
+    engine = Engine(default_root_dir=tmp_path / "results", logger=False, callbacks=[counter])
+    model = ReConPatch(**{**SETTINGS, "k": 1024, "patches_per_step": 1025})
+    with pytest.raises(ValueError, match=r"more than k=1024 training patches, the 1 training image\(s\) give 1024"):
+        engine.fit(model=model, datamodule=MVTecAD(root=root, category="brick", num_workers=0))
+    assert counter.batches == 0
+
+
 def test_coreset_ratio_selecting_nothing_stops_before_training(
     lite_weights: None, demo_root: Path, tmp_path: Path
 ) -> None:
