@@ -1,0 +1,202 @@
+"""OpenVINO deployment benchmark: parity with torch, INT8 accuracy, batch-1 latency split, memory, IR size.
+
+    python benchmarks/export.py --data configs/data/bottle.yaml --coreset-ratio 0.1 --out results/bench/export
+
+ReConPatch is trained with anomalib's Engine and exported with ``model.to_openvino`` in FP32 and in
+INT8_PTQ (NNCF, calibrated on the training images). Stock Patchcore is exported FP32 with a bank of
+the same ratio; its own coreset loop would take about 45 minutes at 0.1 here, so its bank is chosen
+from its own patch features by our exact greedy k-center (the latency depends only on the bank size).
+Every IR is timed in a fresh process (batch 1, real test images, median of ``--repeats``), whose
+peak resident memory is the inference memory. Split per image: ``backbone`` is an IR of the
+pre-processing, backbone and patch features alone; ``search`` is the full model minus the same
+model with a one-row bank; ``rest`` (anomaly map, score re-weighting, post-processing) is the remainder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from anomalib.deploy import CompressionType
+from anomalib.engine import Engine
+from common import data_parser, evaluate, load_data
+from torch import nn
+
+from anomalib_reconpatch.coreset import FastKCenterGreedy
+
+
+class PatchFeaturesOnly(nn.Module):
+    """Pre-processing, frozen backbone and patch features: the part both models share."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.pre_processor = model.pre_processor
+        self.model = model.model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch features of raw ``[0, 1]`` images."""
+        return self.model.patch_features(self.pre_processor(images))
+
+
+def stock_patchcore(args: object, datamodule: object, ratio: float) -> nn.Module:
+    """Stock anomalib Patchcore whose bank is a ``ratio`` greedy k-center coreset of its own features."""
+    from anomalib.models import Patchcore
+
+    model = Patchcore(backbone=args.backbone, layers=args.layers, coreset_sampling_ratio=ratio)
+    model.model.train()
+    with torch.no_grad():
+        features = torch.cat([model.model(model.pre_processor(b.image)) for b in datamodule.train_dataloader()])
+    model.model.memory_bank = FastKCenterGreedy(features, ratio).sample_coreset()
+    return model.eval()
+
+
+def one_row_bank(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose memory bank is its first row: the same graph without the search's cost."""
+    tiny = copy.deepcopy(model)
+    tiny.model.memory_bank = model.model.memory_bank[:1].clone()
+    return tiny
+
+
+def ir_size_mb(xml: Path) -> float:
+    """Size of the ``.xml`` and its ``.bin`` on disk."""
+    return (xml.stat().st_size + xml.with_suffix(".bin").stat().st_size) / 2**20
+
+
+def time_ir(xml: Path, images: Path, repeats: int, batch: int) -> dict:
+    """Latency per image and peak RSS of OpenVINO inference, in a fresh process."""
+    code = (
+        "import json, resource, statistics, time, numpy as np, openvino as ov\n"
+        f"images = np.load({str(images)!r})\n"
+        f"compiled = ov.Core().compile_model({str(xml)!r}, 'CPU')\n"
+        f"batch = {batch}\n"
+        "compiled(images[:batch])\n"
+        "times = []\n"
+        f"for i in range({repeats}):\n"
+        "    start = i * batch % (len(images) - batch + 1)\n"
+        "    tick = time.perf_counter()\n"
+        "    compiled(images[start:start + batch])\n"
+        "    times.append((time.perf_counter() - tick) * 1000 / batch)\n"
+        "print(json.dumps({'ms': statistics.median(times), "
+        "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def accepts_batch_one(xml: Path) -> bool:
+    """Whether the IR's batch dimension is dynamic or 1 (stock Patchcore's can be frozen at 2)."""
+    import openvino as ov
+
+    shape = ov.Core().read_model(str(xml)).input(0).get_partial_shape()
+    return shape[0].is_dynamic or shape[0].get_length() == 1
+
+
+def run_ir(xml: Path, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Scores and maps of an IR over all ``images`` at batch 1."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(xml), "CPU")
+    outputs = [compiled(image[None]) for image in images]
+    return {name: np.concatenate([o[compiled.output(name)] for o in outputs]) for name in ("pred_score", "anomaly_map")}
+
+
+def main() -> None:
+    """Train, export, check parity and accuracy, time every IR and print the table."""
+    parser = data_parser(__doc__)
+    parser.add_argument("--coreset-ratio", type=float, default=0.1)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=Path("results/bench/export"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    datamodule, model = load_data(args, coreset_sampling_ratio=args.coreset_ratio)
+    start = time.perf_counter()
+    Engine(default_root_dir=args.out / "train", logger=False).fit(model=model, datamodule=datamodule)
+    print(f"ReConPatch fit {time.perf_counter() - start:.0f}s, bank {tuple(model.model.memory_bank.shape)}")
+    model.eval()
+
+    test = list(datamodule.test_dataloader())
+    images = torch.cat([b.image for b in test])
+    masks = torch.cat([b.gt_mask.float().reshape(len(b.image), 1, *b.gt_mask.shape[-2:]) for b in test])
+    truth = {
+        "labels": torch.cat([b.gt_label for b in test]),
+        "masks": torch.nn.functional.interpolate(masks, size=(256, 256), mode="nearest")[:, 0],
+    }
+    np.save(args.out / "images.npy", images[:20].numpy())
+
+    xmls: dict[str, Path] = {}
+    start = time.perf_counter()
+    xmls["ReConPatch FP32"] = model.to_openvino(args.out / "reconpatch_fp32")
+    print(f"export FP32 {time.perf_counter() - start:.0f}s")
+    start = time.perf_counter()
+    xmls["ReConPatch INT8"] = model.to_openvino(
+        args.out / "reconpatch_int8", compression_type=CompressionType.INT8_PTQ, datamodule=datamodule
+    )
+    print(f"export INT8_PTQ {time.perf_counter() - start:.0f}s")
+    xmls["ReConPatch 1-row"] = one_row_bank(model).to_openvino(args.out / "reconpatch_tiny")
+    patchcore = stock_patchcore(args, datamodule, args.coreset_ratio)
+    patchcore.post_processor = model.post_processor
+    xmls["Patchcore FP32"] = patchcore.to_openvino(args.out / "patchcore_fp32")
+    xmls["Patchcore 1-row"] = one_row_bank(patchcore).to_openvino(args.out / "patchcore_tiny")
+
+    import openvino as ov
+
+    backbone_xml = args.out / "backbone" / "model.xml"
+    ov.save_model(ov.convert_model(PatchFeaturesOnly(model).eval(), example_input=images[:1]), backbone_xml)
+
+    with torch.no_grad():
+        reference = [model(image[None]) for image in images]
+    ref_score = torch.cat([r.pred_score for r in reference]).numpy()
+    ref_map = torch.cat([r.anomaly_map for r in reference]).numpy()
+    fp32 = run_ir(xmls["ReConPatch FP32"], images.numpy())
+    int8 = run_ir(xmls["ReConPatch INT8"], images.numpy())
+    score_range = float(ref_score.max() - ref_score.min())
+    map_range = float(ref_map.max() - ref_map.min())
+    parity = {
+        "score_max_abs_diff_over_range": float(np.abs(fp32["pred_score"] - ref_score).max() / score_range),
+        "map_max_abs_diff_over_range": float(np.abs(fp32["anomaly_map"] - ref_map).max() / map_range),
+        **{
+            name: evaluate(torch.from_numpy(out["pred_score"]), torch.from_numpy(out["anomaly_map"]), truth)
+            for name, out in (
+                ("torch", {"pred_score": ref_score, "anomaly_map": ref_map}),
+                ("openvino_fp32", fp32),
+                ("openvino_int8", int8),
+            )
+        },
+    }
+
+    sample = args.out / "images.npy"
+    timings = {"backbone": time_ir(backbone_xml, sample, args.repeats, 1)}
+    for name, xml in xmls.items():
+        batch = 1 if accepts_batch_one(xml) else 2
+        timings[name] = {**time_ir(xml, sample, args.repeats, batch), "batch": batch, "ir_mb": ir_size_mb(xml)}
+
+    backbone = timings["backbone"]["ms"]
+    rows = []
+    for name in ("ReConPatch FP32", "ReConPatch INT8", "Patchcore FP32"):
+        t = timings[name]
+        tiny = timings.get(name.replace("FP32", "1-row"))
+        split = f"{backbone:.1f} / {t['ms'] - tiny['ms']:.1f} / {tiny['ms'] - backbone:.1f}" if tiny else "-"
+        rows.append(f"| {name} | {t['batch']} | {t['ms']:.1f} | {split} | {t['peak_rss_mb']:.0f} | {t['ir_mb']:.1f} |")
+    rp, int8_t, pc = (timings[n]["ms"] for n in ("ReConPatch FP32", "ReConPatch INT8", "Patchcore FP32"))
+    report = {
+        "settings": {**vars(args), "data": str(args.data), "out": str(args.out)},
+        "bank_rows": int(model.model.memory_bank.shape[0]),
+        "parity": parity,
+        "timings": timings,
+        "ratios": {"patchcore_over_reconpatch_fp32": pc / rp, "fp32_over_int8": rp / int8_t},
+    }
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    print("| model | batch | ms/image | backbone / search / rest ms | peak RSS MB | IR MB |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    print(json.dumps({"parity": parity, "ratios": report["ratios"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
