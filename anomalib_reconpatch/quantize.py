@@ -39,14 +39,14 @@ def quantize_on_training_images(model: Any, datamodule: Any, subset_size: int = 
     Anomalib's default calibrates on the validation split, which holds anomalous images; the
     training images are the distribution the model must represent, and every data set has them.
     """
-    import nncf
-
     if datamodule is None:
         msg = (
             "INT8_PTQ calibrates on the training images: pass the data set "
             "(anomalib export ... --data <datamodule.yaml>, or datamodule= in to_openvino)."
         )
         raise ValueError(msg)
+    import nncf
+
     datamodule.setup("fit")
     loader = datamodule.train_dataloader()
     images = len(loader.dataset)
