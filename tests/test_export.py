@@ -30,6 +30,21 @@ def exported(lite_weights: None, demo_root: Path, tmp_path_factory: pytest.TempP
     return model.eval(), model.to_openvino(root / "openvino"), root
 
 
+def stock_export(ckpt: Path, export_root: Path, timeout: int, *extra: str) -> Path:
+    """Run the stock ``anomalib export`` to OpenVINO on a demo checkpoint in a subprocess; the ``.xml`` path."""
+    import subprocess
+    import sys
+
+    command = [
+        str(Path(sys.executable).parent / "anomalib"), "export", "--model", "ReConPatch", "--export_type", "openvino",
+        "--ckpt_path", str(ckpt), "--model.backbone", BACKBONE, "--model.layers", "[blocks.2, blocks.4]",
+        "--export_root", str(export_root), *extra,
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=export_root, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return export_root / "weights" / "openvino" / "model.xml"
+
+
 def raw_images(root: Path, split: str, count: int) -> torch.Tensor:
     """Real demo images in [0, 1], as the exported graph expects them (it pre-processes itself)."""
     from torchvision.io import read_image
@@ -77,16 +92,11 @@ def test_int8_ptq_through_the_stock_cli_calibrates_on_training_images_and_keeps_
     import sys
 
     _, fp32_xml, root = exported
-    command = [
-        str(Path(sys.executable).parent / "anomalib"), "export", "--model", "ReConPatch", "--export_type", "openvino",
-        "--compression_type", "INT8_PTQ", "--ckpt_path", str(root / "model.ckpt"),
-        "--model.backbone", BACKBONE, "--model.layers", "[blocks.2, blocks.4]",
+    int8_xml = stock_export(
+        root / "model.ckpt", tmp_path, 900, "--compression_type", "INT8_PTQ",
         "--data", "anomalib.data.MVTecAD", "--data.root", str(demo_root), "--data.category", "grass",
-        "--data.num_workers", "0", "--export_root", str(tmp_path),
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-2000:]
-    int8_xml = tmp_path / "weights" / "openvino" / "model.xml"
+        "--data.num_workers", "0",
+    )  # fmt: skip
     images = torch.cat([raw_images(demo_root, split, 4) for split in ("test/good", "test/scratch", "test/stain")])
     np.save(tmp_path / "images.npy", images.numpy())
     scorer = (
@@ -159,19 +169,10 @@ def test_predict_rejects_bad_models_and_outputs(exported: tuple, demo_root: Path
 
 
 def test_stock_cli_exports_a_checkpoint(exported: tuple, tmp_path: Path) -> None:
-    import subprocess
-    import sys
 
     import openvino as ov
 
     _, _, root = exported
-    command = [
-        str(Path(sys.executable).parent / "anomalib"), "export", "--model", "ReConPatch", "--export_type", "openvino",
-        "--ckpt_path", str(root / "model.ckpt"), "--model.backbone", BACKBONE, "--model.layers", "[blocks.2, blocks.4]",
-        "--export_root", str(tmp_path),
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    xml = tmp_path / "weights" / "openvino" / "model.xml"
+    xml = stock_export(root / "model.ckpt", tmp_path, 600)
     compiled = ov.Core().compile_model(str(xml), "CPU")
     assert compiled(np.zeros((1, 3, 256, 256), dtype=np.float32))[compiled.output("pred_score")].shape == (1,)
