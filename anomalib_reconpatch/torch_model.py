@@ -39,21 +39,37 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
         t.lerp_(o, 1.0 - momentum)
 
 
+def _chunk_distances(embedding: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """``|b|^2 - 2 q.b`` for every query row and bank row of ``part``: one fused matmul-add.
+
+    ``|q|^2`` is the same for every bank row, so the callers add it after the minimum.
+    """
+    return torch.addmm(part.pow(2).sum(-1)[None, :], embedding, part.T, alpha=-2.0)
+
+
+def nearest_bank_distances(embedding: torch.Tensor, bank: torch.Tensor, chunk: int = SEARCH_CHUNK) -> torch.Tensor:
+    """Exact distance from each query row to its nearest bank row (the scoring path's search).
+
+    The bank is scanned in fixed chunks so the full query-by-bank distance matrix never exists at
+    once (the chunk count is static, which keeps the traced graph shape-agnostic). No index: only
+    each image's top patch needs its neighbour (``reweighted_image_score`` finds it), and in the
+    exported graph a minimum with its index (TopK) cost as much as the chunk's matmul, a plain
+    minimum (ReduceMin) a tenth of it (OpenVINO's per-op profile, benchmarks/export.py's model).
+    """
+    best = None
+    for start in range(0, bank.shape[0], chunk):
+        value = _chunk_distances(embedding, bank[start : start + chunk]).amin(dim=1)
+        best = value if best is None else torch.minimum(best, value)
+    return (best + embedding.pow(2).sum(-1)).clamp_min(0).sqrt()
+
+
 def nearest_bank_rows(
     embedding: torch.Tensor, bank: torch.Tensor, chunk: int = SEARCH_CHUNK
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact nearest bank row for each query row: (distance, index).
-
-    The bank is scanned in fixed chunks so the full query-by-bank distance matrix never
-    exists at once (the chunk count is static, which keeps the traced graph shape-agnostic).
-    """
+    """Exact nearest bank row for each query row: (distance, index), chunked as ``nearest_bank_distances``."""
     best = best_idx = None
     for start in range(0, bank.shape[0], chunk):
-        part = bank[start : start + chunk]
-        # |q|^2 is the same for every bank row, so it is added after the minimum: one fused
-        # matmul-add and one reduction per chunk, no other query-by-chunk temporaries.
-        partial = torch.addmm(part.pow(2).sum(-1)[None, :], embedding, part.T, alpha=-2.0)
-        value, index = partial.min(dim=1)
+        value, index = _chunk_distances(embedding, bank[start : start + chunk]).min(dim=1)
         index = index + start
         if best is None:
             best, best_idx = value, index
@@ -66,9 +82,7 @@ def nearest_bank_rows(
 
 
 @torch.no_grad()
-def refine_top_patches(
-    queries: torch.Tensor, bank: torch.Tensor, distances: torch.Tensor, nearest: torch.Tensor, batch: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def refine_top_patches(queries: torch.Tensor, bank: torch.Tensor, distances: torch.Tensor, batch: int) -> torch.Tensor:
     """Exact search for each image's most distant patches until its largest distance is certified exact.
 
     An approximate neighbour is never closer than the true one, so once the largest exact distance among
@@ -77,19 +91,19 @@ def refine_top_patches(
     up to float rounding. Without it, HNSW at 98% recall@1 took bottle's image AUROC from 1.000 to 0.580
     (benchmarks/inference.py). The anomaly map keeps the approximate distances of the other patches.
     """
-    distances, nearest = distances.clone(), nearest.clone()
+    distances = distances.clone()
     per_image = distances.shape[0] // batch
     for image, approximate in enumerate(distances.reshape(batch, per_image).clone()):
         order = approximate.argsort(descending=True)
         start, stop, best = 0, min(REFINE_PATCHES, per_image), 0.0
         while True:
             rows = order[start:stop] + image * per_image
-            distances[rows], nearest[rows] = nearest_bank_rows(queries[rows], bank)
+            distances[rows] = nearest_bank_distances(queries[rows], bank)
             best = max(best, float(distances[rows].max()))
             if stop == per_image or best >= float(approximate[order[stop]]):
                 break
             start, stop = stop, min(2 * stop, per_image)
-    return distances, nearest
+    return distances
 
 
 class ReConPatchModel(DynamicBufferMixin, nn.Module):
@@ -157,16 +171,16 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         """Apply the learned representation ``f`` to ``... x D`` patch features."""
         return self.representation(patch_features)
 
-    def search_bank(self, queries: torch.Tensor, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Nearest bank row per query (``batch`` images of patches, in order): (distance, index).
+    def search_bank(self, queries: torch.Tensor, batch: int = 1) -> torch.Tensor:
+        """Distance to the nearest bank row per query (``batch`` images of patches, in order).
 
         Torch exact search; or, outside of tracing and export, the faiss index followed by the exact
         refinement of each image's top patches (``refine_top_patches``).
         """
         if self.search == "exact" or exporting():
-            return nearest_bank_rows(queries, self.memory_bank)
-        distances, nearest = search_index(self.bank_index(), queries)
-        return refine_top_patches(queries, self.memory_bank, distances, nearest, batch)
+            return nearest_bank_distances(queries, self.memory_bank)
+        distances, _ = search_index(self.bank_index(), queries)
+        return refine_top_patches(queries, self.memory_bank, distances, batch)
 
     def bank_index(self) -> object:
         """The faiss index of ``search`` over the current bank, built on first use and again when the bank changes.
@@ -196,14 +210,9 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         embedding = self.embed(flat)
         batch, height, width, dim = embedding.shape
         queries = embedding.reshape(-1, dim)
-        distances, nearest = self.search_bank(queries, batch)
-        patch_scores = distances.reshape(batch, -1)
+        patch_scores = self.search_bank(queries, batch).reshape(batch, -1)
         pred_score = reweighted_image_score(
-            patch_scores,
-            nearest.reshape(batch, -1),
-            queries.reshape(batch, -1, dim),
-            self.memory_bank,
-            self.num_neighbors,
+            patch_scores, queries.reshape(batch, -1, dim), self.memory_bank, self.num_neighbors
         )
         anomaly_map = self.anomaly_map_generator(patch_scores.reshape(batch, 1, height, width), images.shape[-2:])
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)

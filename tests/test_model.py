@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,9 @@ from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 from torch import nn
 
 from anomalib_reconpatch import ReConPatch, ReConPatchModel
+from anomalib_reconpatch.anomaly_map import reweighted_image_score
 from anomalib_reconpatch.similarity import knn_bandwidth, pairwise_similarity, squared_distances
-from anomalib_reconpatch.torch_model import ema_update, nearest_bank_rows
+from anomalib_reconpatch.torch_model import ema_update, nearest_bank_distances, nearest_bank_rows
 
 from .conftest import BACKBONE, LAYERS
 
@@ -62,6 +64,18 @@ def test_nearest_bank_rows_matches_cdist_across_chunks() -> None:
     ref_dist, ref_idx = torch.cdist(queries, bank).min(dim=1)
     assert torch.equal(idx, ref_idx)
     assert torch.allclose(dist, ref_dist, atol=1e-4)
+    assert torch.allclose(nearest_bank_distances(queries, bank, chunk=128), ref_dist, atol=1e-4)
+
+
+def test_image_score_reweights_the_top_patch_by_its_neighbours_isolation() -> None:
+    bank = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0]])
+    patches = torch.tensor([[[0.5, 0.0], [4.0, 0.0]]])  # one image; the top patch (4, 0) is 3 from bank row (1, 0)
+    distances = nearest_bank_distances(patches[0], bank)[None]
+    assert torch.allclose(distances, torch.tensor([[0.5, 3.0]]))
+    # Support of (1, 0): itself and (0, 0), at 3 and 4 from the top patch: weight 1 - e^3 / (e^3 + e^4) = e / (1 + e).
+    score = reweighted_image_score(distances, patches, bank, num_neighbors=2)
+    assert torch.allclose(score, torch.tensor([3.0 * math.e / (1 + math.e)]))
+    assert torch.allclose(reweighted_image_score(distances, patches, bank, num_neighbors=1), torch.tensor([3.0]))
 
 
 def test_patch_features_are_patchcores(lite_weights: None, demo_root: Path) -> None:
