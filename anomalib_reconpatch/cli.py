@@ -55,7 +55,7 @@ def _compare(args: argparse.Namespace) -> int:
         backbone=args.backbone,
         layers=args.layers,
         coreset_ratio=args.coreset_ratio,
-        image_size=args.image_size,
+        image_size=args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size),
         seed=args.seed,
         reconpatch_args=_parse_assignments(args.reconpatch),
     )
@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--backbone", default="tf_efficientnet_lite0")
     cmp.add_argument("--layers", nargs="+", default=["blocks.2", "blocks.4"])
     cmp.add_argument("--coreset-ratio", type=float, default=0.1)
-    cmp.add_argument("--image-size", type=int, default=256)
+    cmp.add_argument(
+        "--image-size", type=int, nargs="+", default=[256], metavar="PX", help="a side, or a height and a width"
+    )
     cmp.add_argument("--seed", type=int, default=0)
     cmp.add_argument("--reconpatch", nargs="*", default=[], metavar="NAME=VALUE", help="ReConPatch-only arguments")
     cmp.add_argument("--out", required=True, help="output folder for report.md, report.json, roc.png, heatmaps.png")

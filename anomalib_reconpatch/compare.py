@@ -12,9 +12,10 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from .latency import split_latency_ms
+from .latency import interleaved_medians, split_latency_ms
 from .memory import fix_mmap_threshold
 
 METRIC_KEYS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_PRO")
@@ -43,7 +44,7 @@ MAP_SIZE = 128
 
 @dataclass
 class CompareSettings:
-    """Everything the two runs share, plus ReConPatch-only overrides."""
+    """Everything the two runs share, plus ReConPatch-only overrides; ``image_size`` is a side or (height, width)."""
 
     data: Path
     out: Path
@@ -51,7 +52,7 @@ class CompareSettings:
     backbone: str = "tf_efficientnet_lite0"
     layers: list[str] = field(default_factory=lambda: ["blocks.2", "blocks.4"])
     coreset_ratio: float = 0.1
-    image_size: int = 256
+    image_size: int | tuple[int, int] = 256
     seed: int = 0
     reconpatch_args: dict[str, Any] = field(default_factory=dict)
     latency_images: int = 16
@@ -105,6 +106,16 @@ def make_evaluator() -> Any:
     )
 
 
+def image_shape(size: int | Sequence[int]) -> tuple[int, int]:
+    """``256`` or ``(640, 256)`` -> (height, width): long, narrow parts keep their aspect ratio with two values."""
+    shape = (size,) if isinstance(size, int) else tuple(size)
+    shape = shape * 2 if len(shape) == 1 else shape
+    if len(shape) != 2 or min(shape) < 32:
+        msg = f"--image-size {size} is not a side or a height and width of at least 32 pixels (e.g. 256, or 640 256)."
+        raise ValueError(msg)
+    return shape
+
+
 def build_model(name: str, settings: CompareSettings) -> Any:
     """ReConPatch or any anomalib memory-bank model by class name, on the shared settings."""
     import anomalib.models
@@ -119,7 +130,7 @@ def build_model(name: str, settings: CompareSettings) -> Any:
         "backbone": settings.backbone,
         "layers": settings.layers,
         "coreset_sampling_ratio": settings.coreset_ratio,
-        "pre_processor": model_class.configure_pre_processor(image_size=(settings.image_size, settings.image_size)),
+        "pre_processor": model_class.configure_pre_processor(image_size=image_shape(settings.image_size)),
         "evaluator": make_evaluator(),
         "visualizer": False,
     }
@@ -228,9 +239,10 @@ def image_latency_ms(model: Any, images: list[torch.Tensor]) -> dict[str, float]
 
 
 def run_one(name: str, settings: CompareSettings, data_config: dict[str, Any], log: Callable[[str], None]) -> dict:
-    """Train and test one model; returns its metrics, timings and the recorder of its test outputs.
+    """Train and test one model.
 
-    Latency is timed on the same fixed test images for every model, with no dataloader alive.
+    Returns its metrics, fit and test timings, the recorder of its test outputs, the model itself and
+    the fixed test images that ``compare`` times it on.
     """
     from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
@@ -252,7 +264,6 @@ def run_one(name: str, settings: CompareSettings, data_config: dict[str, Any], l
         start = time.perf_counter()
         metrics = engine.test(model=model, datamodule=datamodule)[0]
         test_s = time.perf_counter() - start
-        latency = image_latency_ms(model, latency_images(datamodule, settings.latency_images))
     timings = getattr(model, "fit_timings", {})
     features_s = timings.get("features_s", timer.features_s)
     result = {key: float(metrics[key]) for key in METRIC_KEYS if key in metrics}
@@ -262,15 +273,15 @@ def run_one(name: str, settings: CompareSettings, data_config: dict[str, Any], l
         representation_s=timings.get("representation_s", 0.0),
         coreset_s=timings.get("coreset_s", timer.fit_s),
         test_s=test_s,
-        **latency,
         peak_rss_mb=memory["peak_rss_mb"],
         memory_bank=list(model.model.memory_bank.shape),
         test_images=len(recorder.scores),
     )
     log(f"[{name}] " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float)))
-    del model, engine
+    images = latency_images(datamodule, settings.latency_images)
+    del engine, datamodule
     gc.collect()
-    return {"result": result, "engine_metrics": metrics, "recorder": recorder}
+    return {"result": result, "engine_metrics": metrics, "recorder": recorder, "model": model, "images": images}
 
 
 def versions() -> dict[str, Any]:
@@ -390,9 +401,17 @@ def plot_heatmaps(recorders: dict[str, TestRecorder], path: Path) -> None:
 def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> dict:
     """Run every model, write report.json, report.md, roc.png and heatmaps.png into ``settings.out``."""
     data_config = load_datamodule_config(settings.data)
+    image_shape(settings.image_size)  # a bad size fails here, not after the first model's fit
     fix_mmap_threshold()  # same allocator setting for both models; see memory.py
     settings.out.mkdir(parents=True, exist_ok=True)
     runs = {name: run_one(name, settings, data_config, log) for name in settings.models}
+    log("[latency] batch 1, every model in turn in each of 3 rounds")
+    images = next(iter(runs.values()))["images"]
+    timers = {name: partial(image_latency_ms, run.pop("model"), images) for name, run in runs.items()}
+    for name, latency in interleaved_medians(timers).items():
+        runs[name]["result"].update(latency)
+        log(f"[{name}] " + ", ".join(f"{k} {v:.1f}" for k, v in latency.items()))
+    del timers
     models = {name: run["result"] for name, run in runs.items()}
     report = {
         "models": models,
@@ -411,12 +430,14 @@ def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> di
     table = markdown_table(models)
     title = f"# ReConPatch vs PatchCore on {settings.data}\n\n"
     setup = (
-        f"Backbone `{settings.backbone}` {settings.layers}, {settings.image_size} px, coreset ratio "
+        f"Backbone `{settings.backbone}` {settings.layers}, {'x'.join(map(str, image_shape(settings.image_size)))} px "
+        f"(height x width), coreset ratio "
         f"{settings.coreset_ratio}, seed {settings.seed}; {report['versions']}.\n\n"
         "pixel_PRO is anomalib's AUPRO up to 30% false-positive rate. Times in seconds; latency_ms is the median "
-        f"per-image time at batch 1 over {settings.latency_images} fixed test images (pre- and post-processing "
-        "included), split into backbone_ms (feature extractor), search_ms (nearest memory-bank search) and "
-        "rest_ms (the remainder); peak_rss_mb sampled during each model's fit and test.\n\n"
+        f"per-image time at batch 1 over {settings.latency_images} fixed test images and 3 rounds that time every "
+        "model in turn, after all fits (pre- and post-processing included), split into backbone_ms (feature "
+        "extractor), search_ms (nearest memory-bank search) and rest_ms (the remainder); peak_rss_mb sampled "
+        "during each model's fit and test.\n\n"
     )
     (settings.out / "report.md").write_text(
         title + setup + table + "\n\n![ROC](roc.png)\n\n![heatmaps](heatmaps.png)\n"

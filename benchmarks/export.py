@@ -4,8 +4,7 @@
 
 ReConPatch is trained with anomalib's Engine and exported with ``model.to_openvino`` in FP32 and in
 INT8_PTQ (NNCF, calibrated on the training images). Stock Patchcore is exported FP32 with a bank of
-the same ratio; its own coreset loop would take about 45 minutes at 0.1 here, so its bank is chosen
-from its own patch features by our exact greedy k-center (the latency depends only on the bank size).
+the same ratio from ``common.patchcore_bank`` (the latency depends only on the bank size).
 Every IR is timed in a fresh process (batch 1, real test images, median of ``--repeats``), whose
 peak resident memory (VmHWM, which unlike ru_maxrss is not inherited from the parent) is the
 inference memory. Split per image: ``backbone`` is an IR of the
@@ -26,10 +25,10 @@ import numpy as np
 import torch
 from anomalib.deploy import CompressionType
 from anomalib.engine import Engine
-from common import data_parser, evaluate, load_data
+from common import cache, data_parser, evaluate, flat_patches, load_data, patchcore_bank
 from torch import nn
 
-from anomalib_reconpatch.coreset import FastKCenterGreedy
+from anomalib_reconpatch.compare import image_shape
 
 
 class PatchFeaturesOnly(nn.Module):
@@ -45,15 +44,13 @@ class PatchFeaturesOnly(nn.Module):
         return self.model.patch_features(self.pre_processor(images))
 
 
-def stock_patchcore(args: object, datamodule: object, ratio: float) -> nn.Module:
-    """Stock anomalib Patchcore whose bank is a ``ratio`` greedy k-center coreset of its own features."""
+def stock_patchcore(args: object, datamodule: object, reconpatch: nn.Module, ratio: float) -> nn.Module:
+    """Stock anomalib Patchcore with ``common.patchcore_bank``'s bank (the training features are extracted again)."""
     from anomalib.models import Patchcore
 
     model = Patchcore(backbone=args.backbone, layers=args.layers, coreset_sampling_ratio=ratio)
-    model.model.train()
-    with torch.no_grad():
-        features = torch.cat([model.model(model.pre_processor(b.image)) for b in datamodule.train_dataloader()])
-    model.model.memory_bank = FastKCenterGreedy(features, ratio).sample_coreset()
+    train = flat_patches(cache(reconpatch, datamodule.train_dataloader(), test=False)["features"])
+    model.model.memory_bank = patchcore_bank(train, ratio)
     return model.eval()
 
 
@@ -128,7 +125,7 @@ def main() -> None:
     masks = torch.cat([b.gt_mask.float().reshape(len(b.image), 1, *b.gt_mask.shape[-2:]) for b in test])
     truth = {
         "labels": torch.cat([b.gt_label for b in test]),
-        "masks": torch.nn.functional.interpolate(masks, size=(256, 256), mode="nearest")[:, 0],
+        "masks": torch.nn.functional.interpolate(masks, size=image_shape(args.image_size), mode="nearest")[:, 0],
     }
     np.save(args.out / "images.npy", images[:20].numpy())
 
@@ -142,7 +139,7 @@ def main() -> None:
     )
     print(f"export INT8_PTQ {time.perf_counter() - start:.0f}s")
     xmls["ReConPatch 1-row"] = one_row_bank(model).to_openvino(args.out / "reconpatch_tiny")
-    patchcore = stock_patchcore(args, datamodule, args.coreset_ratio)
+    patchcore = stock_patchcore(args, datamodule, model, args.coreset_ratio)
     patchcore.post_processor = model.post_processor
     xmls["Patchcore FP32"] = patchcore.to_openvino(args.out / "patchcore_fp32")
     xmls["Patchcore 1-row"] = one_row_bank(patchcore).to_openvino(args.out / "patchcore_tiny")

@@ -6,7 +6,7 @@
 One run, one process: the backbone runs once over the training and test images; ReConPatch trains ``f``
 (its defaults) and builds its bank with our greedy k-center on ``f(features)``. Stock PatchCore's torch
 model (``PatchcoreModel``) gets a bank of the same size from the same greedy k-center on its own raw
-features (anomalib's ``KCenterGreedy`` would take about 45 minutes at ratio 0.1 on bottle).
+features (``common.patchcore_bank``).
 
 Latency is the median per-image time of the torch model's forward on fixed pre-processed test images,
 over ``--rounds`` rounds that each time every configuration in turn, split into backbone / search /
@@ -18,32 +18,28 @@ refinement of each image's top patches) returns the exact nearest bank row.
 
 from __future__ import annotations
 
-import statistics
 import time
+from functools import partial
 
 import torch
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
-from common import cache, data_parser, evaluate, flat_patches, load_data, score
+from common import cache, data_parser, evaluate, flat_patches, load_data, patchcore_bank, score
 
 from anomalib_reconpatch import ReConPatch
 from anomalib_reconpatch.compare import latency_images
 from anomalib_reconpatch.coreset import FastKCenterGreedy
-from anomalib_reconpatch.latency import split_latency_ms
+from anomalib_reconpatch.latency import interleaved_medians, split_latency_ms
 from anomalib_reconpatch.search import build_index, search_index
 from anomalib_reconpatch.torch_model import nearest_bank_rows
 
 OPTIONS = ("exact", "flat", "hnsw", "ivf")
 
 
-def time_split(models: dict[str, tuple], images: list[torch.Tensor], rounds: int) -> dict[str, dict[str, float]]:
-    """Median over rounds of each configuration's per-image split; configurations alternate within a round."""
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, (torch_model, search) in models.items():
-            if search is not None:
-                torch_model.search = search
-            samples[name].append(split_latency_ms(torch_model, torch_model, images))
-    return {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in samples.items()}
+def time_one(torch_model: torch.nn.Module, search: str | None, images: list[torch.Tensor]) -> dict[str, float]:
+    """One model's per-image split, with ``search`` set first when it is a ReConPatch search option."""
+    if search is not None:
+        torch_model.search = search
+    return split_latency_ms(torch_model, torch_model, images)
 
 
 def index_nearest(model: ReConPatch, queries: torch.Tensor) -> torch.Tensor:
@@ -92,9 +88,7 @@ def main() -> None:
     recall, auroc, scores = {}, {}, {}
     for kind in OPTIONS:
         model.model.search = kind
-        found = torch.cat(
-            [model.model.search_bank(q)[1] if kind == "exact" else index_nearest(model, q) for q in queries]
-        )
+        found = exact_nearest if kind == "exact" else torch.cat([index_nearest(model, q) for q in queries])
         recall[kind] = float((found == exact_nearest).float().mean())
         scores[kind], maps = score(model, test["features"], size)
         auroc[kind] = evaluate(scores[kind], maps, test, pixel=False)["image_AUROC"]
@@ -108,13 +102,15 @@ def main() -> None:
         return
 
     patchcore = PatchcoreModel(layers=args.layers, backbone=args.backbone, num_neighbors=9).eval()
-    patchcore.memory_bank = FastKCenterGreedy(train, args.ratio).sample_coreset()
+    patchcore.memory_bank = patchcore_bank(train, args.ratio)
     del train
     transform = model.pre_processor.transform
     images = [transform(image[None])[0] for image in latency_images(datamodule, args.images)]
     configs = {"PatchCore (stock torch model)": (patchcore, None)}
     configs.update({f"ReConPatch {kind}": (model.model, kind) for kind in OPTIONS})
-    split = time_split(configs, images, args.rounds)
+    split = interleaved_medians(
+        {name: partial(time_one, *config, images) for name, config in configs.items()}, args.rounds
+    )
 
     flat = build_index(bank, "flat")
     same = all(torch.equal(search_index(flat, q)[1], nearest_bank_rows(q, bank)[1]) for q in queries)

@@ -15,7 +15,7 @@ from torch import nn
 
 from anomalib_reconpatch.cli import main
 from anomalib_reconpatch.compare import METRIC_KEYS, TIMING_KEYS, CompareSettings, compare, latency_images
-from anomalib_reconpatch.latency import split_latency_ms
+from anomalib_reconpatch.latency import interleaved_medians, split_latency_ms
 
 BIN = Path(sys.executable).parent
 
@@ -33,7 +33,12 @@ def report(demo_root: Path, lite_weights: None, tmp_path_factory: pytest.TempPat
         )
     )
     settings = CompareSettings(
-        data=data, out=out, coreset_ratio=0.02, image_size=128, reconpatch_args={"num_steps": 50}, latency_images=3
+        data=data,
+        out=out,
+        coreset_ratio=0.02,
+        image_size=(128, 96),
+        reconpatch_args={"num_steps": 50},
+        latency_images=3,
     )
     return out, compare(settings, log=lambda _: None)
 
@@ -45,7 +50,7 @@ def test_report_holds_every_field(report: tuple[Path, dict]) -> None:
     for numbers in saved["models"].values():
         for key in (*METRIC_KEYS, *TIMING_KEYS):
             assert isinstance(numbers[key], float), key
-        assert numbers["memory_bank"] == [int(24 * 16 * 16 * 0.02), 152]  # 24 images of 16x16 patches at 128 px
+        assert numbers["memory_bank"] == [int(24 * 16 * 12 * 0.02), 152]  # 24 images of 16x12 patches at 128x96 px
         assert numbers["fit_s"] == pytest.approx(
             numbers["features_s"] + numbers["representation_s"] + numbers["coreset_s"], rel=0.05
         )
@@ -60,6 +65,7 @@ def test_report_holds_every_field(report: tuple[Path, dict]) -> None:
     for name in ("report.md", "roc.png", "heatmaps.png"):
         assert (out / name).stat().st_size > 1000
     assert "| image_AUROC |" in (out / "report.md").read_text()
+    assert "128x96 px (height x width)" in (out / "report.md").read_text()
 
 
 def test_report_numbers_are_the_engines(report: tuple[Path, dict]) -> None:
@@ -99,6 +105,24 @@ def test_latency_split_times_each_phase_and_restores_the_model() -> None:
     assert "search_bank" not in vars(model)
 
 
+def test_interleaved_medians_time_every_model_in_each_round() -> None:
+    calls = []
+
+    def timer(name: str, rounds: list[dict[str, float]]) -> object:
+        samples = iter(rounds)
+
+        def run() -> dict[str, float]:
+            calls.append(name)
+            return next(samples)
+
+        return run
+
+    a = [{"latency_ms": v, "search_ms": v / 2} for v in (3.0, 1.0, 2.0)]
+    result = interleaved_medians({"a": timer("a", a), "b": timer("b", [{"latency_ms": v} for v in (10.0, 30.0, 20.0)])})
+    assert calls == ["a", "b"] * 3
+    assert result == {"a": a[2], "b": {"latency_ms": 20.0}}  # the median round, whole
+
+
 def test_latency_images_are_a_fixed_spread_of_the_test_set() -> None:
     items = [SimpleNamespace(image=torch.full((1,), float(i))) for i in range(83)]
     datamodule = SimpleNamespace(test_data=items)
@@ -111,6 +135,15 @@ def test_compare_rejects_a_missing_data_file(tmp_path: Path, capsys: pytest.Capt
     code = main(["compare", "--data", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "out")])
     assert code == 2
     assert "nope.yaml does not exist" in capsys.readouterr().err
+
+
+def test_compare_rejects_a_bad_image_size_before_any_fit(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "data.yaml"
+    data.write_text("class_path: anomalib.data.MVTecAD\ninit_args: {root: nowhere, category: grass}\n")
+    code = main(["compare", "--data", str(data), "--image-size", "640", "256", "3", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "--image-size (640, 256, 3) is not a side or a height and width" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_anomalib_benchmark_pipeline_runs_reconpatch(demo_root: Path, lite_weights: None, tmp_path: Path) -> None:
