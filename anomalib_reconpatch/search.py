@@ -18,7 +18,7 @@ HNSW_NEIGHBORS = 32  # graph degree M: the usual accuracy/size trade-off for ~10
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 64
 IVF_LISTS_PER_SQRT_N = 4  # nlist = 4 sqrt(N): about 37 rows a list for a 21,400-row bank
-IVF_NPROBE = 16
+IVF_NPROBE = 8  # lists scanned per query: 4.0x faster than exact on bottle at recall@1 0.983 (16: 3.0x, 0.995)
 
 
 def exporting() -> bool:
