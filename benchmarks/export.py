@@ -10,6 +10,7 @@ peak resident memory (VmHWM, which unlike ru_maxrss is not inherited from the pa
 inference memory. Split per image: ``backbone`` is an IR of the
 pre-processing, backbone and patch features alone; ``search`` is the full model minus the same
 model with a one-row bank; ``rest`` (anomaly map, score re-weighting, post-processing) is the remainder.
+OpenVINO's per-op profile of the ReConPatch IRs (op types, their time and kernels) closes the report.
 """
 
 from __future__ import annotations
@@ -97,6 +98,27 @@ def accepts_batch_one(xml: Path) -> bool:
     return shape[0].is_dynamic or shape[0].get_length() == 1
 
 
+def op_profile(xml: Path, images: np.ndarray, repeats: int = 10) -> dict[str, dict]:
+    """OpenVINO's own per-op timing (``PERF_COUNT``) at batch 1, summed by op type: ms per image and kernels.
+
+    This is what showed the exported search's costs: TopK as slow as the chunk matmuls, and the INT8
+    matmul kernel no faster than the FP32 one on a CPU without VNNI.
+    """
+    import openvino as ov
+
+    request = ov.Core().compile_model(str(xml), "CPU", {"PERF_COUNT": "YES"}).create_infer_request()
+    request.infer({0: images[:1]})
+    totals: dict[str, dict] = {}
+    for i in range(repeats):
+        request.infer({0: images[i % len(images)][None]})
+        for op in request.profiling_info:
+            entry = totals.setdefault(op.node_type, {"ms": 0.0, "kernels": set()})
+            entry["ms"] += op.real_time.total_seconds() * 1000 / repeats
+            entry["kernels"].add(op.exec_type)
+    top = sorted(totals.items(), key=lambda item: -item[1]["ms"])[:6]
+    return {name: {"ms": entry["ms"], "kernels": sorted(entry["kernels"])} for name, entry in top}
+
+
 def run_ir(xml: Path, images: np.ndarray) -> dict[str, np.ndarray]:
     """Scores and maps of an IR over all ``images`` at batch 1."""
     import openvino as ov
@@ -176,6 +198,7 @@ def main() -> None:
         batch = 1 if accepts_batch_one(xml) else 2
         timings[name] = {**time_ir(xml, sample, args.repeats, batch), "batch": batch, "ir_mb": ir_size_mb(xml)}
 
+    profiles = {name: op_profile(xmls[name], np.load(sample)) for name in ("ReConPatch FP32", "ReConPatch INT8")}
     backbone = timings["backbone"]["ms"]
     rows = []
     for name in ("ReConPatch FP32", "ReConPatch INT8", "Patchcore FP32"):
@@ -190,12 +213,13 @@ def main() -> None:
         "parity": parity,
         "timings": timings,
         "ratios": {"patchcore_over_reconpatch_fp32": pc / rp, "fp32_over_int8": rp / int8_t},
+        "op_profiles": profiles,
     }
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     print("| model | batch | ms/image | backbone / search / rest ms | peak RSS MB | IR MB |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
-    print(json.dumps({"parity": parity, "ratios": report["ratios"]}, indent=2))
+    print(json.dumps({"parity": parity, "ratios": report["ratios"], "op_profiles": profiles}, indent=2))
 
 
 if __name__ == "__main__":
