@@ -5,7 +5,8 @@ Training has three phases inside one Lightning epoch:
    PatchCore patch features (the backbone never runs again).
 2. ``fit`` trains the linear representation ``f`` and projection ``g`` on random mini-batches of
    those patches with the relaxed contrastive loss; pseudo-labels come from EMA copies of f and g.
-3. ``fit`` then builds the memory bank: a greedy k-center coreset of ``f(patch features)``.
+3. ``fit`` then builds the memory bank: a greedy k-center coreset of ``f(patch features)``, and folds
+   the bank's mean and a random rotation into ``f`` and the bank (same distances, better INT8).
 """
 
 from __future__ import annotations
@@ -250,6 +251,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
             if spill is not None:
                 spill.close()
         self.model.memory_bank = FastKCenterGreedy(embedded, self.coreset_sampling_ratio).sample_coreset()
+        self.model.fold_bank_frame()
         self.fit_timings = {
             "features_s": features_s,
             "representation_s": representation_s,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -15,7 +16,12 @@ from torch import nn
 from anomalib_reconpatch import ReConPatch, ReConPatchModel
 from anomalib_reconpatch.anomaly_map import reweighted_image_score
 from anomalib_reconpatch.similarity import knn_bandwidth, pairwise_similarity, squared_distances
-from anomalib_reconpatch.torch_model import ema_update, nearest_bank_distances, nearest_bank_rows
+from anomalib_reconpatch.torch_model import (
+    centred_rotated_frame,
+    ema_update,
+    nearest_bank_distances,
+    nearest_bank_rows,
+)
 
 from .conftest import BACKBONE, LAYERS
 
@@ -65,6 +71,26 @@ def test_nearest_bank_rows_matches_cdist_across_chunks() -> None:
     assert torch.equal(idx, ref_idx)
     assert torch.allclose(dist, ref_dist, atol=1e-4)
     assert torch.allclose(nearest_bank_distances(queries, bank, chunk=128), ref_dist, atol=1e-4)
+
+
+def test_centred_rotated_frame_keeps_every_distance_and_centres_the_bank() -> None:
+    gen = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(6, 6, generator=gen), torch.randn(6, generator=gen)
+    bank = torch.randn(40, 6, generator=gen) + 25.0  # far off the origin, as trained banks are
+    x = torch.randn(30, 6, generator=gen)
+    rng_state = torch.get_rng_state()
+    new_weight, new_bias, new_bank = centred_rotated_frame(weight, bias, bank)
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    before = torch.cdist(x @ weight.T + bias, bank)
+    after = torch.cdist(x @ new_weight.T + new_bias, new_bank)
+    assert torch.allclose(after, before, atol=1e-4)
+    assert new_bank.mean(0).abs().max() < 1e-5
+    assert new_bank.abs().max() < 0.5 * bank.abs().max()
+    rotation = new_weight.double() @ torch.linalg.inv(weight.double())
+    assert torch.allclose(rotation @ rotation.T, torch.eye(6, dtype=torch.float64), atol=1e-5)
+    assert not torch.allclose(rotation, torch.eye(6, dtype=torch.float64), atol=0.1)
+    again = centred_rotated_frame(weight, bias, bank)
+    assert all(torch.equal(a, b) for a, b in zip(again, (new_weight, new_bias, new_bank), strict=True))
 
 
 def test_image_score_reweights_the_top_patch_by_its_neighbours_isolation() -> None:
@@ -123,6 +149,20 @@ def test_training_moves_f_and_builds_bank_in_f_space(trained: tuple) -> None:
     assert set(model.fit_timings) == {"features_s", "representation_s", "coreset_s"}
     assert metrics["image_AUROC"] >= 0.9
     assert metrics["pixel_AUROC"] >= 0.9
+
+
+def test_fit_leaves_the_bank_centred_and_folding_again_keeps_the_scores(trained: tuple, demo_root: Path) -> None:
+    model = trained[0].eval()
+    assert model.model.memory_bank.mean(0).abs().max() < 1e-4
+    images = demo_images(demo_root, "test/patch", 3)
+    folded = copy.deepcopy(model)
+    folded.model.fold_bank_frame()
+    assert not torch.allclose(folded.model.memory_bank, model.model.memory_bank, atol=0.1)
+    with torch.no_grad():
+        before, after = model.model(images), folded.model(images)
+    scale = float(before.anomaly_map.max() - before.anomaly_map.min())
+    assert torch.allclose(after.pred_score, before.pred_score, atol=1e-4 * scale)
+    assert torch.allclose(after.anomaly_map, before.anomaly_map, atol=1e-4 * scale)
 
 
 def test_eval_forward_any_batch_size(trained: tuple, demo_root: Path) -> None:
