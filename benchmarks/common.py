@@ -81,6 +81,18 @@ def score(model: ReConPatch, features: torch.Tensor, size: tuple[int, int]) -> t
     return torch.cat(scores), torch.cat(maps)
 
 
+def load_test_split(datamodule: object, image_size: list[int]) -> tuple[torch.Tensor, dict]:
+    """The whole pre-processed test split as one tensor, with labels and masks at the model's image size."""
+    test = list(datamodule.test_dataloader())
+    images = torch.cat([b.image for b in test])
+    masks = torch.cat([b.gt_mask.float().reshape(len(b.image), 1, *b.gt_mask.shape[-2:]) for b in test])
+    truth = {
+        "labels": torch.cat([b.gt_label for b in test]),
+        "masks": torch.nn.functional.interpolate(masks, size=image_shape(image_size), mode="nearest")[:, 0],
+    }
+    return images, truth
+
+
 def evaluate(scores: torch.Tensor, maps: torch.Tensor, test: dict, pixel: bool = True) -> dict[str, float]:
     """Anomalib's image AUROC and, with ``pixel``, pixel AUROC and PRO (AUPRO to 30% FPR) of a cached test split."""
     from anomalib.metrics import AUPRO, AUROC

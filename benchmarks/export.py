@@ -26,10 +26,8 @@ import numpy as np
 import torch
 from anomalib.deploy import CompressionType
 from anomalib.engine import Engine
-from common import cache, data_parser, evaluate, flat_patches, load_data, patchcore_bank
+from common import cache, data_parser, evaluate, flat_patches, load_data, load_test_split, patchcore_bank
 from torch import nn
-
-from anomalib_reconpatch.compare import image_shape
 
 
 class PatchFeaturesOnly(nn.Module):
@@ -142,13 +140,7 @@ def main() -> None:
     print(f"ReConPatch fit {time.perf_counter() - start:.0f}s, bank {tuple(model.model.memory_bank.shape)}")
     model.eval()
 
-    test = list(datamodule.test_dataloader())
-    images = torch.cat([b.image for b in test])
-    masks = torch.cat([b.gt_mask.float().reshape(len(b.image), 1, *b.gt_mask.shape[-2:]) for b in test])
-    truth = {
-        "labels": torch.cat([b.gt_label for b in test]),
-        "masks": torch.nn.functional.interpolate(masks, size=image_shape(args.image_size), mode="nearest")[:, 0],
-    }
+    images, truth = load_test_split(datamodule, args.image_size)
     np.save(args.out / "images.npy", images[:20].numpy())
 
     xmls: dict[str, Path] = {}

@@ -20,11 +20,10 @@ from unittest import mock
 import torch
 from anomalib.deploy import CompressionType
 from anomalib.engine import Engine
-from common import data_parser, evaluate, load_data
+from common import data_parser, evaluate, load_data, load_test_split
 from export import run_ir
 
 from anomalib_reconpatch import ReConPatchModel
-from anomalib_reconpatch.compare import image_shape
 
 
 def main() -> None:
@@ -39,13 +38,7 @@ def main() -> None:
     model.eval()
     folded = copy.deepcopy(model)
     folded.model.fold_bank_frame()
-    test = list(datamodule.test_dataloader())
-    images = torch.cat([b.image for b in test])
-    masks = torch.cat([b.gt_mask.float().reshape(len(b.image), 1, *b.gt_mask.shape[-2:]) for b in test])
-    truth = {
-        "labels": torch.cat([b.gt_label for b in test]),
-        "masks": torch.nn.functional.interpolate(masks, size=image_shape(args.image_size), mode="nearest")[:, 0],
-    }
+    images, truth = load_test_split(datamodule, args.image_size)
     variants = {
         "FP32, as fitted without the fold": (model, None),
         "FP32, folded": (folded, None),
