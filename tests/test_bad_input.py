@@ -212,8 +212,17 @@ def test_predict_on_gray_16bit_rgba_matches_rgb(reference: dict, demo_root: Path
 def test_training_and_testing_on_gray_16bit_rgba_match_rgb(reference: dict, demo_root: Path, tmp_path: Path) -> None:
     root = mixed_mode_copy(demo_root, tmp_path)
     model, engine, datamodule = train(root, tmp_path / "results")
-    # Same coreset rows; float rounding of the 16-bit scaling (x * 257 / 65535 vs x / 255) moves f a hair.
-    assert torch.allclose(model.model.memory_bank, reference["model"].model.memory_bank, rtol=1e-3, atol=2e-3)
+    # Float rounding of the 16-bit scaling (x * 257 / 65535 vs x / 255) moves f a hair ...
+    ours_f, theirs_f = model.model.representation, reference["model"].model.representation
+    assert torch.allclose(ours_f.weight, theirs_f.weight, atol=1e-4)
+    # ... which can break a near-tie of the greedy coreset the other way and pick the same rows in another
+    # order. So compare the banks as sets, in a frame the fold leaves unchanged (bank - bias: the
+    # fold's centring cancels), by the largest coordinate difference.
+    ours_rows, their_rows = model.model.memory_bank - ours_f.bias, reference["model"].model.memory_bank - theirs_f.bias
+    gaps = (ours_rows[:, None] - their_rows[None]).abs().amax(dim=-1)
+    assert ours_rows.shape == their_rows.shape
+    assert gaps.amin(dim=1).max() < 2e-3
+    assert gaps.amin(dim=0).max() < 2e-3
     ours = engine.predict(model=model, datamodule=datamodule)
     theirs = reference["engine"].predict(model=reference["model"], datamodule=reference["datamodule"])
     for a, b in zip(ours, theirs, strict=True):

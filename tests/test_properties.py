@@ -45,3 +45,11 @@ def test_loss_is_finite_and_non_negative_with_finite_gradients(z: torch.Tensor, 
     assert torch.isfinite(loss)
     assert loss >= 0
     assert torch.isfinite(z.grad).all()
+
+
+def test_equal_rows_far_from_the_origin_are_fully_similar() -> None:
+    """The case hypothesis found: equal rows at 20.6 once gave rounding-noise distances and similarity 0.14."""
+    z = torch.full((4, 6), 20.6055)
+    w = pseudo_labels(z, k=1, alpha=1.0, sigma=1.0)
+    assert torch.equal(w, w.T)
+    assert torch.allclose(w, torch.ones(4, 4))
