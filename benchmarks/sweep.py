@@ -7,7 +7,8 @@ published numbers come from ``reconpatch compare``; this script only finds where
     python benchmarks/sweep.py --data configs/data/kolektorsdd.yaml --coreset-ratio 0.01 \
         --setting num_steps=0 --setting learning_rate=1e-3 --setting learning_rate=1e-4,num_steps=2000
 
-A ``seed=N`` item (default 0) seeds that setting's run, to see the spread over seeds.
+A ``seed=N`` item (default 0) seeds that setting's run, to see the spread over seeds. Each line
+ends with the range of the trained ``f``'s singular values (1-1 is the untrained identity).
 """
 
 from __future__ import annotations
@@ -63,9 +64,11 @@ def main() -> None:
         with torch.no_grad():
             model.model.memory_bank = select_bank(model.model.embed(train_flat), args.coreset_ratio, coreset_space)
         metrics = evaluate(*score(model, test["features"], size), test)
+        singular = torch.linalg.svdvals(model.model.representation.weight.detach())
         print(
             f"{text or 'defaults':60s} image_AUROC {metrics['image_AUROC']:.4f} "
-            f"pixel_AUROC {metrics['pixel_AUROC']:.4f} PRO {metrics['PRO']:.4f} train {trained:.0f}s",
+            f"pixel_AUROC {metrics['pixel_AUROC']:.4f} PRO {metrics['PRO']:.4f} train {trained:.0f}s "
+            f"f singular values {singular.min():.2f}-{singular.max():.2f}",
             flush=True,
         )
 
