@@ -74,7 +74,8 @@ def greedy_k_center(
     n_balls = len(index)
     points = features[index]  # balls x ball_size x D (padding repeats row 0, masked out below)
     flat = points.reshape(-1, points.shape[-1])
-    sq_norms = flat.pow(2).sum(1)
+    row_sq_norms = features.pow(2).sum(1)
+    sq_norms = row_sq_norms[index].reshape(-1)
     centres = (points * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
     point_radius = torch.where(valid, (points - centres[:, None]).norm(dim=-1), 0.0)
     radius = point_radius.amax(1)
@@ -92,8 +93,9 @@ def greedy_k_center(
         scanned += len(active)
         centre_sq = centre @ centre
         if len(active) > n_balls // 4:  # weak pruning (early steps, diffuse data): one contiguous matvec is cheaper
-            dist = torch.addmv(sq_norms + centre_sq, flat, centre, alpha=-2.0).clamp_min_(0.0)
-            torch.minimum(mind, dist.view_as(mind), out=mind)
+            # over the unpadded rows (balls are a third padding on diffuse data), then gathered into ball layout
+            dist = torch.addmv(row_sq_norms + centre_sq, features, centre, alpha=-2.0).clamp_min_(0.0)
+            torch.minimum(mind, dist[index], out=mind)
             ball_max = mind.amax(1)
         else:
             # Per point, ||x - c|| >= ||c - centre_b|| - ||x - centre_b||: only points whose bound is below
