@@ -16,11 +16,13 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch
+from anomalib.deploy import CompressionType
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule, MemoryBankMixin
 from anomalib.models.image.patchcore import Patchcore
@@ -335,6 +337,25 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
     def configure_post_processor() -> PostProcessor:
         """Anomalib's one-class post-processor (adaptive thresholds, min-max normalisation)."""
         return PostProcessor()
+
+    def to_openvino(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        compression_type: CompressionType | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """Anomalib's OpenVINO export; INT8 exports trace the bank search as 1x1 convolutions.
+
+        OpenVINO's INT8 convolution is what makes INT8 pay on a CPU without VNNI; FP32 keeps the
+        matmul search, its faster form (``torch_model._conv_chunk_distances``).
+        """
+        self.model.convolution_search = compression_type in {CompressionType.INT8_PTQ, CompressionType.INT8_ACQ}
+        try:
+            return super().to_openvino(export_root, model_file_name, input_size, compression_type, **kwargs)
+        finally:
+            self.model.convolution_search = False
 
     def _post_training_quantization_ov(self, model: Any, datamodule: Any = None) -> Any:
         """INT8_PTQ hook of anomalib's ExportMixin: quantize only the bank search, calibrated on training images."""

@@ -2,7 +2,7 @@
 
 The bank holds FP32 features, so quantizing the backbone moves every test feature off the bank:
 measured on the demo data, all image scores then saturate to one value (AUROC 0.5). The search
-matmuls against the bank are over 90% of the time at coreset ratio 0.1, and quantizing only them
+convolutions against the bank are over 90% of the time at coreset ratio 0.1, and quantizing only them
 keeps the backbone's features exact and the distances' ranking.
 """
 
@@ -14,20 +14,33 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
-def search_only_scope(model: Any) -> Any:
-    """An NNCF ignored scope holding every op except the matmuls after the representation ``f``.
+def _consumers(op: Any) -> list[Any]:
+    """The nodes that read any output of ``op``."""
+    return [target.get_node() for output in op.outputs() for target in output.get_target_inputs()]
 
-    The backbone and pre-processing are convolutions; the first MatMul of the graph is ``f``; every
-    later MatMul multiplies by memory-bank rows (the chunked search and the score re-weighting).
+
+def _feeds_minimum(op: Any) -> bool:
+    """True for a bank-search convolution: its output (or its bias ``Add``) goes into a ``ReduceMin``."""
+    after = _consumers(op)
+    bias_adds = [node for node in after if node.get_type_name() == "Add"]
+    after += [node for add in bias_adds for node in _consumers(add)]
+    return any(node.get_type_name() == "ReduceMin" for node in after)
+
+
+def search_only_scope(model: Any) -> Any:
+    """An NNCF ignored scope holding every op except the bank-search convolutions.
+
+    The exported search is one 1x1 convolution per bank chunk followed by a minimum over the bank
+    rows (``torch_model._conv_chunk_distances``); the backbone's convolutions and the anomaly map's
+    blur feed no minimum, and stay FP32.
     """
     import nncf
 
     ops = model.get_ordered_ops()
-    matmuls = [op.get_friendly_name() for op in ops if op.get_type_name() == "MatMul"]
-    if len(matmuls) < 2:
+    quantized = {op.get_friendly_name() for op in ops if op.get_type_name() == "Convolution" and _feeds_minimum(op)}
+    if not quantized:
         msg = "INT8_PTQ found no memory-bank search in the exported graph: export a fitted ReConPatch model."
         raise ValueError(msg)
-    quantized = set(matmuls[1:])
     skipped = {"Parameter", "Constant", "Result"}
     names = [op.get_friendly_name() for op in ops if op.get_type_name() not in skipped]
     return nncf.IgnoredScope(names=[name for name in names if name not in quantized], validate=False)

@@ -7,6 +7,7 @@ plain tensor operations with symbolic shapes, so the stock ONNX/OpenVINO export 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -71,7 +72,19 @@ def _chunk_distances(embedding: torch.Tensor, part: torch.Tensor) -> torch.Tenso
     return torch.addmm(part.pow(2).sum(-1)[None, :], embedding, part.T, alpha=-2.0)
 
 
-def nearest_bank_distances(embedding: torch.Tensor, bank: torch.Tensor, chunk: int = SEARCH_CHUNK) -> torch.Tensor:
+def _conv_chunk_distances(columns: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """``_chunk_distances`` as a 1x1 convolution with bias, bank rows as filters, on ``1 x D x N x 1`` queries.
+
+    The INT8 export's form: on this AVX2 CPU without VNNI, OpenVINO's INT8 convolution ran 2.4x its
+    FP32 one, while its INT8 MatMul was no faster than FP32; in FP32, eager torch and OpenVINO alike,
+    the matmul is the faster form (benchmarks/export.py).
+    """
+    return F.conv2d(columns, -2.0 * part[:, :, None, None], part.pow(2).sum(-1))
+
+
+def nearest_bank_distances(
+    embedding: torch.Tensor, bank: torch.Tensor, chunk: int = SEARCH_CHUNK, convolution: bool = False
+) -> torch.Tensor:
     """Exact distance from each query row to its nearest bank row (the scoring path's search).
 
     The bank is scanned in fixed chunks so the full query-by-bank distance matrix never exists at
@@ -79,11 +92,15 @@ def nearest_bank_distances(embedding: torch.Tensor, bank: torch.Tensor, chunk: i
     each image's top patch needs its neighbour (``reweighted_image_score`` finds it), and in the
     exported graph a minimum with its index (TopK) cost as much as the chunk's matmul, a plain
     minimum (ReduceMin) a tenth of it (OpenVINO's per-op profile, benchmarks/export.py's model).
+    ``convolution`` scans each chunk with ``_conv_chunk_distances`` (same distances).
     """
-    best = None
-    for start in range(0, bank.shape[0], chunk):
-        value = _chunk_distances(embedding, bank[start : start + chunk]).amin(dim=1)
-        best = value if best is None else torch.minimum(best, value)
+    parts = [bank[start : start + chunk] for start in range(0, bank.shape[0], chunk)]
+    if convolution:
+        columns = embedding.T.reshape(1, embedding.shape[1], -1, 1)
+        minima = [_conv_chunk_distances(columns, part).amin(dim=1).reshape(-1) for part in parts]
+    else:
+        minima = [_chunk_distances(embedding, part).amin(dim=1) for part in parts]
+    best = functools.reduce(torch.minimum, minima)
     return (best + embedding.pow(2).sum(-1)).clamp_min(0).sqrt()
 
 
@@ -155,6 +172,7 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
     ) -> None:
         super().__init__()
         self.search = search
+        self.convolution_search = False  # the INT8 export's search form, set only while it exports
         self._indexes: dict[str, tuple[torch.Tensor, object]] = {}
         self.backbone = backbone
         self.layers = list(layers)
@@ -210,7 +228,7 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         refinement of each image's top patches (``refine_top_patches``).
         """
         if self.search == "exact" or exporting():
-            return nearest_bank_distances(queries, self.memory_bank)
+            return nearest_bank_distances(queries, self.memory_bank, convolution=self.convolution_search)
         distances, _ = search_index(self.bank_index(), queries)
         return refine_top_patches(queries, self.memory_bank, distances, batch)
 

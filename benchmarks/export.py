@@ -5,9 +5,10 @@
 ReConPatch is trained with anomalib's Engine and exported with ``model.to_openvino`` in FP32 and in
 INT8_PTQ (NNCF, calibrated on the training images). Stock Patchcore is exported FP32 with a bank of
 the same ratio from ``common.patchcore_bank`` (the latency depends only on the bank size).
-Every IR is timed in a fresh process (batch 1, real test images, median of ``--repeats``), whose
-peak resident memory (VmHWM, which unlike ru_maxrss is not inherited from the parent) is the
-inference memory. Split per image: ``backbone`` is an IR of the
+All IRs are timed in one fresh process, one inference of each in turn (batch 1, real test images,
+median of ``--repeats``; ``benchmarks/ir_timing.py``), so a change in the machine's load hits them
+alike; each IR's peak resident memory (VmHWM, which unlike ru_maxrss is not inherited from the
+parent) comes from a fresh process of its own. Split per image: ``backbone`` is an IR of the
 pre-processing, backbone and patch features alone; ``search`` is the full model minus the same
 model with a one-row bank; ``rest`` (anomaly map, score re-weighting, post-processing) is the remainder.
 OpenVINO's per-op profile of the ReConPatch IRs (op types, their time and kernels) closes the report.
@@ -17,8 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 from anomalib.deploy import CompressionType
 from anomalib.engine import Engine
 from common import cache, data_parser, evaluate, flat_patches, load_data, load_test_split, patchcore_bank
+from ir_timing import interleaved_ms, peak_rss_mb
 from torch import nn
 
 
@@ -63,29 +63,6 @@ def one_row_bank(model: nn.Module) -> nn.Module:
 def ir_size_mb(xml: Path) -> float:
     """Size of the ``.xml`` and its ``.bin`` on disk."""
     return (xml.stat().st_size + xml.with_suffix(".bin").stat().st_size) / 2**20
-
-
-def time_ir(xml: Path, images: Path, repeats: int, batch: int) -> dict:
-    """Latency per image and peak RSS of OpenVINO inference, in a fresh process."""
-    code = (
-        "import json, statistics, time, numpy as np, openvino as ov\n"
-        f"images = np.load({str(images)!r})\n"
-        f"compiled = ov.Core().compile_model({str(xml)!r}, 'CPU')\n"
-        f"batch = {batch}\n"
-        "compiled(images[:batch])\n"
-        "times = []\n"
-        f"for i in range({repeats}):\n"
-        "    start = i * batch % (len(images) - batch + 1)\n"
-        "    tick = time.perf_counter()\n"
-        "    compiled(images[start:start + batch])\n"
-        "    times.append((time.perf_counter() - tick) * 1000 / batch)\n"
-        "status = open('/proc/self/status').read().split('VmHWM:')[1]\n"
-        "hwm = int(status.split()[0]) / 1024\n"
-        "print(json.dumps({'ms': statistics.median(times), "
-        "'peak_rss_mb': hwm}))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def accepts_batch_one(xml: Path) -> bool:
@@ -152,6 +129,9 @@ def main() -> None:
         args.out / "reconpatch_int8", compression_type=CompressionType.INT8_PTQ, datamodule=datamodule
     )
     print(f"export INT8_PTQ {time.perf_counter() - start:.0f}s")
+    model.model.convolution_search = True  # FP32 with the INT8 export's search form: why FP32 keeps the matmul
+    xmls["ReConPatch FP32 conv"] = super(type(model), model).to_openvino(args.out / "reconpatch_fp32_conv")
+    model.model.convolution_search = False
     xmls["ReConPatch 1-row"] = one_row_bank(model).to_openvino(args.out / "reconpatch_tiny")
     patchcore = stock_patchcore(args, datamodule, model, args.coreset_ratio)
     patchcore.post_processor = model.post_processor
@@ -185,15 +165,24 @@ def main() -> None:
     }
 
     sample = args.out / "images.npy"
-    timings = {"backbone": time_ir(backbone_xml, sample, args.repeats, 1)}
-    for name, xml in xmls.items():
-        batch = 1 if accepts_batch_one(xml) else 2
-        timings[name] = {**time_ir(xml, sample, args.repeats, batch), "batch": batch, "ir_mb": ir_size_mb(xml)}
+    irs = {"backbone": (backbone_xml, 1)} | {
+        name: (xml, 1 if accepts_batch_one(xml) else 2) for name, xml in xmls.items()
+    }
+    latency = interleaved_ms(irs, sample, args.repeats)
+    timings = {
+        name: {
+            "ms": latency[name],
+            "peak_rss_mb": peak_rss_mb(xml, sample, batch),
+            "batch": batch,
+            "ir_mb": ir_size_mb(xml),
+        }
+        for name, (xml, batch) in irs.items()
+    }
 
     profiles = {name: op_profile(xmls[name], np.load(sample)) for name in ("ReConPatch FP32", "ReConPatch INT8")}
     backbone = timings["backbone"]["ms"]
     rows = []
-    for name in ("ReConPatch FP32", "ReConPatch INT8", "Patchcore FP32"):
+    for name in ("ReConPatch FP32", "ReConPatch FP32 conv", "ReConPatch INT8", "Patchcore FP32"):
         t = timings[name]
         tiny = timings.get(name.replace("FP32", "1-row")) if name.endswith("FP32") else None
         split = f"{backbone:.1f} / {t['ms'] - tiny['ms']:.1f} / {tiny['ms'] - backbone:.1f}" if tiny else "-"
@@ -204,7 +193,11 @@ def main() -> None:
         "bank_rows": int(model.model.memory_bank.shape[0]),
         "parity": parity,
         "timings": timings,
-        "ratios": {"patchcore_over_reconpatch_fp32": pc / rp, "fp32_over_int8": rp / int8_t},
+        "ratios": {
+            "patchcore_over_reconpatch_fp32": pc / rp,
+            "fp32_over_int8": rp / int8_t,
+            "fp32_conv_over_fp32": timings["ReConPatch FP32 conv"]["ms"] / rp,
+        },
         "op_profiles": profiles,
     }
     (args.out / "report.json").write_text(json.dumps(report, indent=2))

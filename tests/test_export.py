@@ -88,10 +88,13 @@ def test_int8_ptq_through_the_stock_cli_calibrates_on_training_images_and_keeps_
 ) -> None:
     """Stock ``anomalib export --compression_type INT8_PTQ``; export and scoring run in subprocesses."""
     import json
+    import math
     import subprocess
     import sys
 
-    _, fp32_xml, root = exported
+    from anomalib_reconpatch.torch_model import SEARCH_CHUNK
+
+    model, fp32_xml, root = exported
     int8_xml = stock_export(
         root / "model.ckpt", tmp_path, 900, "--compression_type", "INT8_PTQ",
         "--data", "anomalib.data.MVTecAD", "--data.root", str(demo_root), "--data.category", "grass",
@@ -105,7 +108,13 @@ def test_int8_ptq_through_the_stock_cli_calibrates_on_training_images_and_keeps_
     scorer = (
         "import json, sys, numpy as np, openvino as ov\n"
         "images = np.load(sys.argv[1])\n"
-        "out = {'ops': sorted({op.get_type_name() for op in ov.Core().read_model(sys.argv[3]).get_ops()})}\n"
+        "graph = ov.Core().read_model(sys.argv[3])\n"
+        "out = {'ops': sorted({op.get_type_name() for op in graph.get_ops()})}\n"
+        "out['quantized'] = [list(op.input(1).get_partial_shape().to_shape())[:2] for op in graph.get_ordered_ops()\n"
+        "    if op.get_type_name() == 'Convolution'\n"
+        "    and op.input(0).get_source_output().get_node().get_type_name() == 'FakeQuantize']\n"
+        "out['fed'] = sorted({t.get_node().get_type_name() for op in graph.get_ops()\n"
+        "    if op.get_type_name() == 'FakeQuantize' for o in op.outputs() for t in o.get_target_inputs()})\n"
         "for name, xml in (('fp32', sys.argv[2]), ('int8', sys.argv[3])):\n"
         "    compiled = ov.Core().compile_model(xml, 'CPU')\n"
         "    out[name] = [float(compiled(i[None])[compiled.output('pred_score')][0]) for i in images]\n"
@@ -117,6 +126,11 @@ def test_int8_ptq_through_the_stock_cli_calibrates_on_training_images_and_keeps_
     )  # fmt: skip
     result = json.loads(scored.stdout.strip().splitlines()[-1])
     assert "FakeQuantize" in result["ops"]  # really quantized, not a silent FP32 copy
+    bank_rows, dim = model.model.memory_bank.shape  # quantized: one 1x1 convolution per bank chunk, nothing else
+    assert len(result["quantized"]) == math.ceil(bank_rows / SEARCH_CHUNK)
+    assert sum(rows for rows, _ in result["quantized"]) == bank_rows
+    assert {d for _, d in result["quantized"]} == {dim}
+    assert result["fed"] == ["Convolution"]
     auroc = {}
     for name in ("fp32", "int8"):
         metric = AUROC(fields=["pred_score", "gt_label"])

@@ -93,6 +93,22 @@ def test_centred_rotated_frame_keeps_every_distance_and_centres_the_bank() -> No
     assert all(torch.equal(a, b) for a, b in zip(again, (new_weight, new_bias, new_bank), strict=True))
 
 
+def test_separable_blur_is_anomalibs_blur() -> None:
+    """An impulse comes out as anomalib's 2-D Gaussian kernel; any map as anomalib's blur gives it."""
+    from anomalib.models.image.patchcore.anomaly_map import AnomalyMapGenerator as PatchcoreMaps
+
+    from anomalib_reconpatch.anomaly_map import AnomalyMapGenerator
+
+    ours, stock = AnomalyMapGenerator(), PatchcoreMaps()
+    impulse = torch.zeros(1, 1, 65, 65)
+    impulse[..., 32, 32] = 1.0
+    kernel = stock.blur.kernel[0, 0]
+    assert torch.allclose(ours.blur(impulse)[0, 0, 16:49, 16:49], kernel, atol=1e-7)
+    scores = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 10
+    assert torch.allclose(ours(scores, (256, 256)), stock(scores, (256, 256)), atol=1e-4)
+    assert ours.state_dict().keys() == stock.state_dict().keys()
+
+
 def test_image_score_reweights_the_top_patch_by_its_neighbours_isolation() -> None:
     bank = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0]])
     patches = torch.tensor([[[0.5, 0.0], [4.0, 0.0]]])  # one image; the top patch (4, 0) is 3 from bank row (1, 0)

@@ -39,6 +39,15 @@ def test_exact_search_matches_brute_force_across_chunks(real_rows: tuple) -> Non
     assert torch.allclose(nearest_bank_distances(queries, bank, chunk=300), distances, rtol=0, atol=1e-6)
 
 
+def test_convolution_form_matches_the_matmul_form(real_rows: tuple) -> None:
+    """INT8 exports scan the bank as 1x1 convolutions (OpenVINO's fast INT8 op here): the same distances."""
+    bank, queries = real_rows
+    matmul = nearest_bank_distances(queries, bank, chunk=300)
+    convolution = nearest_bank_distances(queries, bank, chunk=300, convolution=True)
+    assert torch.allclose(convolution, matmul, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(convolution.double(), brute_force(queries, bank)[0], rtol=1e-4, atol=1e-3)
+
+
 def test_faiss_exact_matches_brute_force(real_rows: tuple) -> None:
     bank, queries = real_rows
     distances, nearest = search.search_index(search.build_index(bank, "flat"), queries)
