@@ -21,9 +21,8 @@ class SeparableGaussianBlur2d(GaussianBlur2d):
     """anomalib's Gaussian blur, run as a column pass then a row pass of its own kernel's factors.
 
     The 2-D Gaussian is the outer product of its row and column sums, so the output equals the 33x33
-    convolution up to rounding at a fifteenth of the work; in the exported INT8 graph OpenVINO ran the
-    2-D blur with a slower kernel, 9 ms of a 45 ms image (benchmarks/export.py). The kernel buffer is
-    anomalib's, so checkpoints keep their keys.
+    convolution up to rounding at a fifteenth of the work (the FP32 export ran 1.06x faster,
+    benchmarks/ir_timing.py). The kernel buffer is anomalib's, so checkpoints keep their keys.
     """
 
     def forward(self, input_tensor: torch.Tensor) -> torch.Tensor:
