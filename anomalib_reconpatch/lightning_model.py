@@ -6,7 +6,7 @@ Training has three phases inside one Lightning epoch:
 2. ``fit`` trains the linear representation ``f`` and projection ``g`` on random mini-batches of
    those patches with the relaxed contrastive loss; pseudo-labels come from EMA copies of f and g.
 3. ``fit`` then builds the memory bank: a greedy k-center coreset of ``f(patch features)``, and folds
-   the bank's mean and a random rotation into ``f`` and the bank (same distances, better INT8).
+   the bank's mean and a random rotation into ``f`` and the bank (same distances, less FP32 cancellation).
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@
 
 ``fit`` ends with ``fold_bank_frame``: the bank's mean ``m`` and a random orthogonal ``R`` go into
 ``f`` and the bank (``W' = R W``, ``b' = R (b - m)``, ``bank' = (bank - m) R^T``). That keeps every
-distance, hence every FP32 score, but gives INT8's per-tensor activation scale small values spread
-evenly over the dimensions. Here one fit runs with the fold skipped, and a copy is then folded, so
+distance, hence every FP32 score, but gives a per-tensor INT8 scale small values spread evenly over
+the dimensions (it rescued the earlier matmul INT8 export; the convolution search scales each bank
+row and no longer needs it). Here one fit runs with the fold skipped, and a copy is then folded, so
 the two variants share f and the bank; each is exported with INT8_PTQ through the model's own hook
 and scored on the whole test set.
 """
