@@ -351,11 +351,9 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         OpenVINO's INT8 convolution is what makes INT8 pay on a CPU without VNNI; FP32 keeps the
         matmul search, its faster form (``torch_model._conv_chunk_distances``).
         """
-        self.model.convolution_search = compression_type in {CompressionType.INT8_PTQ, CompressionType.INT8_ACQ}
-        try:
+        int8 = compression_type in {CompressionType.INT8_PTQ, CompressionType.INT8_ACQ}
+        with self.model.convolution_search_form(int8):
             return super().to_openvino(export_root, model_file_name, input_size, compression_type, **kwargs)
-        finally:
-            self.model.convolution_search = False
 
     def _post_training_quantization_ov(self, model: Any, datamodule: Any = None) -> Any:
         """INT8_PTQ hook of anomalib's ExportMixin: quantize only the bank search, calibrated on training images."""

@@ -8,7 +8,8 @@ plain tensor operations with symbolic shapes, so the stock ONNX/OpenVINO export 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from anomalib.data import InferenceBatch
@@ -172,7 +173,7 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
     ) -> None:
         super().__init__()
         self.search = search
-        self.convolution_search = False  # the INT8 export's search form, set only while it exports
+        self.convolution_search = False  # set only inside convolution_search_form
         self._indexes: dict[str, tuple[torch.Tensor, object]] = {}
         self.backbone = backbone
         self.layers = list(layers)
@@ -220,6 +221,15 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         weight, bias, self.memory_bank = centred_rotated_frame(f.weight, f.bias, self.memory_bank)
         f.weight.copy_(weight)
         f.bias.copy_(bias)
+
+    @contextmanager
+    def convolution_search_form(self, enabled: bool = True) -> Iterator[None]:
+        """While active (and ``enabled``), the exact search runs as 1x1 convolutions: the INT8 export's form."""
+        self.convolution_search = enabled
+        try:
+            yield
+        finally:
+            self.convolution_search = False
 
     def search_bank(self, queries: torch.Tensor, batch: int = 1) -> torch.Tensor:
         """Distance to the nearest bank row per query (``batch`` images of patches, in order).
