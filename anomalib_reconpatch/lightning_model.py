@@ -338,6 +338,17 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         """Anomalib's one-class post-processor (adaptive thresholds, min-max normalisation)."""
         return PostProcessor()
 
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """Anomalib's ONNX export of ``ReConPatchModel.export_form``'s graph (also ``to_openvino``'s first step)."""
+        with self.model.export_form(convolution=self.model.convolution_search):
+            return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+
     def to_openvino(
         self,
         export_root: Path | str,
@@ -346,13 +357,13 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         compression_type: CompressionType | None = None,
         **kwargs: Any,
     ) -> Path:
-        """Anomalib's OpenVINO export; INT8 exports trace the bank search as 1x1 convolutions.
+        """Anomalib's OpenVINO export; INT8 exports trace the bank searches as 1x1 convolutions.
 
         OpenVINO's INT8 convolution is what makes INT8 pay on a CPU without VNNI; FP32 keeps the
         matmul search, its faster form (``torch_model._conv_chunk_distances``).
         """
         int8 = compression_type in {CompressionType.INT8_PTQ, CompressionType.INT8_ACQ}
-        with self.model.convolution_search_form(int8):
+        with self.model.export_form(convolution=int8):
             return super().to_openvino(export_root, model_file_name, input_size, compression_type, **kwargs)
 
     def _post_training_quantization_ov(self, model: Any, datamodule: Any = None) -> Any:

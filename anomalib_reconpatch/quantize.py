@@ -19,25 +19,28 @@ def _consumers(op: Any) -> list[Any]:
     return [target.get_node() for output in op.outputs() for target in output.get_target_inputs()]
 
 
-def _feeds_minimum(op: Any) -> bool:
-    """True for a bank-search convolution: its output (or its bias ``Add``) goes into a ``ReduceMin``."""
+def _searches_bank(op: Any) -> bool:
+    """True for a bank-search convolution: its output (or its bias ``Add``) goes into a minimum.
+
+    That is ``ReduceMin`` for the patch search and ``TopK`` (argmin) for the top patch's neighbour.
+    """
     after = _consumers(op)
     bias_adds = [node for node in after if node.get_type_name() == "Add"]
     after += [node for add in bias_adds for node in _consumers(add)]
-    return any(node.get_type_name() == "ReduceMin" for node in after)
+    return any(node.get_type_name() in {"ReduceMin", "TopK"} for node in after)
 
 
 def search_only_scope(model: Any) -> Any:
     """An NNCF ignored scope holding every op except the bank-search convolutions.
 
     The exported search is one 1x1 convolution per bank chunk followed by a minimum over the bank
-    rows (``torch_model._conv_chunk_distances``); the backbone's convolutions and the anomaly map's
-    blur feed no minimum, and stay FP32.
+    rows (``torch_model._conv_chunk_distances``), and one over the whole bank for the top patch's
+    neighbour; the backbone's convolutions and the anomaly map's blur feed no minimum, and stay FP32.
     """
     import nncf
 
     ops = model.get_ordered_ops()
-    quantized = {op.get_friendly_name() for op in ops if op.get_type_name() == "Convolution" and _feeds_minimum(op)}
+    quantized = {op.get_friendly_name() for op in ops if op.get_type_name() == "Convolution" and _searches_bank(op)}
     if not quantized:
         msg = "INT8_PTQ found no memory-bank search in the exported graph: export a fitted ReConPatch model."
         raise ValueError(msg)

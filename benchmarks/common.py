@@ -68,7 +68,7 @@ def score(model: ReConPatch, features: torch.Tensor, size: tuple[int, int]) -> t
 
     The search is the model's own ``search_bank``, so its ``search`` setting applies.
     """
-    from anomalib_reconpatch.anomaly_map import reweighted_image_score
+    from anomalib_reconpatch.torch_model import reweighted_image_score
 
     scores, maps = [], []
     bank = model.model.memory_bank

@@ -129,7 +129,7 @@ def main() -> None:
         args.out / "reconpatch_int8", compression_type=CompressionType.INT8_PTQ, datamodule=datamodule
     )
     print(f"export INT8_PTQ {time.perf_counter() - start:.0f}s")
-    with model.model.convolution_search_form():  # FP32 with the INT8 export's search form: why FP32 keeps the matmul
+    with model.model.export_form(convolution=True):  # FP32 in the INT8 export's form: why FP32 keeps the matmul
         xmls["ReConPatch FP32 conv"] = super(type(model), model).to_openvino(args.out / "reconpatch_fp32_conv")
     xmls["ReConPatch 1-row"] = one_row_bank(model).to_openvino(args.out / "reconpatch_tiny")
     patchcore = stock_patchcore(args, datamodule, model, args.coreset_ratio)

@@ -14,13 +14,14 @@ from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 from torch import nn
 
 from anomalib_reconpatch import ReConPatch, ReConPatchModel
-from anomalib_reconpatch.anomaly_map import reweighted_image_score
 from anomalib_reconpatch.similarity import knn_bandwidth, pairwise_similarity, squared_distances
 from anomalib_reconpatch.torch_model import (
     centred_rotated_frame,
     ema_update,
     nearest_bank_distances,
     nearest_bank_rows,
+    nearest_rows,
+    reweighted_image_score,
 )
 
 from .conftest import BACKBONE, LAYERS
@@ -73,6 +74,14 @@ def test_nearest_bank_rows_matches_cdist_across_chunks() -> None:
     assert torch.allclose(nearest_bank_distances(queries, bank, chunk=128), ref_dist, atol=1e-4)
 
 
+def test_nearest_rows_are_cdists_top_k_nearest_first_across_chunks() -> None:
+    g = torch.Generator().manual_seed(1)
+    queries, bank = torch.randn(50, 8, generator=g), torch.randn(300, 8, generator=g)
+    reference = torch.cdist(queries, bank).topk(4, dim=1, largest=False).indices
+    assert torch.equal(nearest_rows(queries, bank, 4, chunk=16), reference)
+    assert torch.equal(nearest_rows(bank, bank, 2, chunk=64)[:, 0], torch.arange(300))  # a row is its own nearest
+
+
 def test_centred_rotated_frame_keeps_every_distance_and_centres_the_bank() -> None:
     gen = torch.Generator().manual_seed(1)
     weight, bias = torch.randn(6, 6, generator=gen), torch.randn(6, generator=gen)
@@ -117,6 +126,8 @@ def test_image_score_reweights_the_top_patch_by_its_neighbours_isolation() -> No
     # Support of (1, 0): itself and (0, 0), at 3 and 4 from the top patch: weight 1 - e^3 / (e^3 + e^4) = e / (1 + e).
     score = reweighted_image_score(distances, patches, bank, num_neighbors=2)
     assert torch.allclose(score, torch.tensor([3.0 * math.e / (1 + math.e)]))
+    table = torch.tensor([[0, 1], [1, 0], [2, 1]])  # the exports' form: support looked up, neighbour as a convolution
+    assert torch.allclose(reweighted_image_score(distances, patches, bank, 2, table, convolution=True), score)
     assert torch.allclose(reweighted_image_score(distances, patches, bank, num_neighbors=1), torch.tensor([3.0]))
 
 
