@@ -139,7 +139,7 @@ def predict(
             result = compiled(image)
             score = float(result[compiled.output("pred_score")].reshape(-1)[0])
             label = bool(result[compiled.output("pred_label")].reshape(-1)[0]) if "pred_label" in names else None
-            amap = result[compiled.output("anomaly_map")][0, 0]
+            amap = result[compiled.output("anomaly_map")][0]
             relative = path.relative_to(source) if source.is_dir() else Path(path.name)
             overlay_path = out / "overlays" / relative.with_suffix(".png")
             overlay_path.parent.mkdir(parents=True, exist_ok=True)

@@ -104,7 +104,10 @@ def evaluate(scores: torch.Tensor, maps: torch.Tensor, test: dict, pixel: bool =
         (maps - maps.min()) / (maps.max() - maps.min()),
     )
     outputs = SimpleNamespace(
-        pred_score=scores, gt_label=test["labels"], anomaly_map=maps[:, 0], gt_mask=test["masks"].int()
+        pred_score=scores,
+        gt_label=test["labels"],
+        anomaly_map=maps.reshape(len(maps), *maps.shape[-2:]),
+        gt_mask=test["masks"].int(),
     )
     metrics = {"image_AUROC": AUROC(fields=["pred_score", "gt_label"])}
     if pixel:
