@@ -34,8 +34,9 @@ class AnomalyMapGenerator(PatchcoreAnomalyMapGenerator):
     """anomalib's PatchCore anomaly map generator with the separable blur, returning ``B x H x W`` maps.
 
     ``B x H x W`` is the shape anomalib's batches hold the map in. In INT8 graphs OpenVINO's CPU plugin
-    ran the post-processing's element-wise ops on PatchCore's ``B x 1 x H x W`` map channels-last, each
-    about 20 times slower than on the 3-D map (benchmarks/ir_timing.py: the INT8 model 1.14x faster).
+    ran the post-processing's element-wise ops on PatchCore's ``B x 1 x H x W`` map channels-last, where
+    ``Greater`` and ``Select`` took 1.2 ms each (benchmarks/export.py's op profile); on the 3-D map the
+    INT8 model ran 1.13x faster (benchmarks/ir_timing.py).
     """
 
     def __init__(self, sigma: int = 4) -> None:

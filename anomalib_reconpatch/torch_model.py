@@ -21,7 +21,7 @@ from .anomaly_map import AnomalyMapGenerator
 from .backbone import build_feature_extractor
 from .search import build_index, exporting, search_index
 
-SEARCH_CHUNK = 1024  # faster than 4096 in eager torch (47 against 80 ms) and OpenVINO (1.03x FP32, 1.05x INT8)
+SEARCH_CHUNK = 1024  # eager torch at bottle's shapes: 55.0 ms against 69.9 ms at 4096 (benchmarks/search_chunk.py)
 REFINE_PATCHES = 16
 
 
@@ -76,9 +76,9 @@ def _chunk_distances(embedding: torch.Tensor, part: torch.Tensor) -> torch.Tenso
 def _conv_chunk_distances(columns: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
     """``_chunk_distances`` as a 1x1 convolution with bias, bank rows as filters, on ``1 x D x N x 1`` queries.
 
-    The INT8 export's form: on this AVX2 CPU without VNNI, OpenVINO ran this graph 1.60x faster in
-    INT8 than in FP32, where quantized matmuls had run at 0.78x FP32; in FP32, eager torch and
-    OpenVINO alike, the matmul is the faster form (1.10x, benchmarks/export.py).
+    The INT8 export's form: on this AVX2 CPU without VNNI, OpenVINO ran this graph 1.61x faster in
+    INT8 than in FP32, where quantized matmuls had run at 0.78x FP32; in FP32 the matmul is the
+    faster form (1.02x and 1.10x in two runs of benchmarks/export.py).
     """
     return F.conv2d(columns, -2.0 * part[:, :, None, None], part.pow(2).sum(-1))
 
