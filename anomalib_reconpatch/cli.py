@@ -56,7 +56,7 @@ def _compare(args: argparse.Namespace) -> int:
         layers=args.layers,
         coreset_ratio=args.coreset_ratio,
         image_size=args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size),
-        seed=args.seed,
+        seeds=args.seed,
         reconpatch_args=_parse_assignments(args.reconpatch),
     )
     compare(settings)
@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument(
         "--image-size", type=int, nargs="+", default=[256], metavar="PX", help="a side, or a height and a width"
     )
-    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument(
+        "--seed", type=int, nargs="+", default=[0], help="one or more seeds; several give means and spreads"
+    )
     cmp.add_argument("--reconpatch", nargs="*", default=[], metavar="NAME=VALUE", help="ReConPatch-only arguments")
     cmp.add_argument("--out", required=True, help="output folder for report.md, report.json, roc.png, heatmaps.png")
     cmp.set_defaults(run=_compare)

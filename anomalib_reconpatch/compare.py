@@ -1,7 +1,9 @@
 """``reconpatch compare``: train and test ReConPatch and stock PatchCore on the same data, one report.
 
 Both models go through anomalib's own ``Engine`` and ``Evaluator`` with the same datamodule,
-backbone, layers, image size, coreset ratio and seed, one after the other in one process.
+backbone, layers, image size, coreset ratio and seed, one after the other in one process. With
+several seeds every model runs once per seed and the report gives means and spreads: on small data
+sets one seed's noise can exceed the gap between the models.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import gc
 import importlib
 import json
 import os
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,7 +47,7 @@ MAP_SIZE = 128
 
 @dataclass
 class CompareSettings:
-    """Everything the two runs share, plus ReConPatch-only overrides; ``image_size`` is a side or (height, width)."""
+    """Everything the runs share, plus ReConPatch-only overrides; ``image_size`` is a side or (height, width)."""
 
     data: Path
     out: Path
@@ -53,7 +56,7 @@ class CompareSettings:
     layers: list[str] = field(default_factory=lambda: ["blocks.2", "blocks.4"])
     coreset_ratio: float = 0.1
     image_size: int | tuple[int, int] = 256
-    seed: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0])
     reconpatch_args: dict[str, Any] = field(default_factory=dict)
     latency_images: int = 16
 
@@ -238,8 +241,10 @@ def image_latency_ms(model: Any, images: list[torch.Tensor]) -> dict[str, float]
     return split_latency_ms(model, model.model, images)
 
 
-def run_one(name: str, settings: CompareSettings, data_config: dict[str, Any], log: Callable[[str], None]) -> dict:
-    """Train and test one model.
+def run_one(
+    name: str, settings: CompareSettings, seed: int, data_config: dict[str, Any], log: Callable[[str], None]
+) -> dict:
+    """Train and test one model with one seed.
 
     Returns its metrics, fit and test timings, the recorder of its test outputs, the model itself and
     the fixed test images that ``compare`` times it on.
@@ -247,20 +252,21 @@ def run_one(name: str, settings: CompareSettings, data_config: dict[str, Any], l
     from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
 
-    seed_everything(settings.seed, workers=True)
-    datamodule = build_datamodule(data_config, settings.seed)
+    seed_everything(seed, workers=True)
+    datamodule = build_datamodule(data_config, seed)
     model = build_model(name, settings)
     timer, recorder = PhaseTimer(), TestRecorder()
     engine = Engine(
-        default_root_dir=settings.out / "runs" / name,
+        default_root_dir=settings.out / "runs" / name / f"seed{seed}",
         logger=False,
         callbacks=[timer, recorder],
         enable_progress_bar=False,
     )
     with peak_rss() as memory:
-        log(f"[{name}] fit: features, then {'representation training and ' if name == 'ReConPatch' else ''}coreset")
+        training = "representation training and " if name == "ReConPatch" else ""
+        log(f"[{name}, seed {seed}] fit: features, then {training}coreset")
         engine.fit(model=model, datamodule=datamodule)
-        log(f"[{name}] test")
+        log(f"[{name}, seed {seed}] test")
         start = time.perf_counter()
         metrics = engine.test(model=model, datamodule=datamodule)[0]
         test_s = time.perf_counter() - start
@@ -277,7 +283,7 @@ def run_one(name: str, settings: CompareSettings, data_config: dict[str, Any], l
         memory_bank=list(model.model.memory_bank.shape),
         test_images=len(recorder.scores),
     )
-    log(f"[{name}] " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float)))
+    log(f"[{name}, seed {seed}] " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float)))
     images = latency_images(datamodule, settings.latency_images)
     del engine, datamodule
     gc.collect()
@@ -315,6 +321,37 @@ def markdown_table(models: dict[str, dict]) -> str:
         if len(names) == 2:
             numeric = all(isinstance(v, float) for v in values)
             cells.append(f"{values[0] - values[1]:+.3f}" if numeric else "")
+        rows.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def mean_over_seeds(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
+    """Each model's numbers averaged over the seeds; values that are not floats (bank shape) come from the first."""
+    runs = list(per_seed.values())
+    means = {}
+    for name, first in runs[0].items():
+        means[name] = {
+            key: statistics.fmean(run[name][key] for run in runs) if isinstance(value, float) else value
+            for key, value in first.items()
+        }
+    return means
+
+
+def spread_over_seeds(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict[str, float]]:
+    """Sample standard deviation of each model's metrics over the seeds (needs two or more)."""
+    runs = list(per_seed.values())
+    return {name: {key: statistics.stdev(run[name][key] for run in runs) for key in METRIC_KEYS} for name in runs[0]}
+
+
+def seed_table(per_seed: dict[int, dict[str, dict]], spread: dict[str, dict[str, float]]) -> str:
+    """Per-metric rows: each model's value for every seed, in order, and their standard deviation."""
+    names = list(spread)
+    rows = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for key in METRIC_KEYS:
+        cells = [
+            " / ".join(f"{run[name][key]:.3f}" for run in per_seed.values()) + f" (sd {spread[name][key]:.3f})"
+            for name in names
+        ]
         rows.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -402,19 +439,35 @@ def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> di
     """Run every model, write report.json, report.md, roc.png and heatmaps.png into ``settings.out``."""
     data_config = load_datamodule_config(settings.data)
     image_shape(settings.image_size)  # a bad size fails here, not after the first model's fit
+    if not settings.seeds or len(set(settings.seeds)) != len(settings.seeds):
+        msg = f"--seed {' '.join(map(str, settings.seeds))}: give one or more different seeds (e.g. --seed 0 1 2)."
+        raise ValueError(msg)
     fix_mmap_threshold()  # same allocator setting for both models; see memory.py
     settings.out.mkdir(parents=True, exist_ok=True)
-    runs = {name: run_one(name, settings, data_config, log) for name in settings.models}
-    log("[latency] batch 1, every model in turn in each of 3 rounds")
+    first, *more = settings.seeds
+    runs = {name: run_one(name, settings, first, data_config, log) for name in settings.models}
+    per_seed = {first: {name: run["result"] for name, run in runs.items()}}
+    engine_metrics = {first: {name: run["engine_metrics"] for name, run in runs.items()}}
+    for seed in more:
+        extra = {name: run_one(name, settings, seed, data_config, log) for name in settings.models}
+        per_seed[seed] = {name: run["result"] for name, run in extra.items()}
+        engine_metrics[seed] = {name: run["engine_metrics"] for name, run in extra.items()}
+        del extra  # only the first seed's models are kept, for latency and the figures
+    log(f"[latency] seed {first}'s models, batch 1, every model in turn in each of 3 rounds")
     images = next(iter(runs.values()))["images"]
     timers = {name: partial(image_latency_ms, run.pop("model"), images) for name, run in runs.items()}
-    for name, latency in interleaved_medians(timers).items():
-        runs[name]["result"].update(latency)
+    latencies = interleaved_medians(timers)
+    for name, latency in latencies.items():
         log(f"[{name}] " + ", ".join(f"{k} {v:.1f}" for k, v in latency.items()))
     del timers
-    models = {name: run["result"] for name, run in runs.items()}
+    models = mean_over_seeds(per_seed)
+    for name, latency in latencies.items():
+        models[name].update(latency)
+    spread = spread_over_seeds(per_seed) if more else None
     report = {
         "models": models,
+        "per_seed": per_seed,
+        "spread": spread,
         "settings": {
             **asdict(settings),
             "data": str(settings.data),
@@ -429,19 +482,27 @@ def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> di
     plot_heatmaps(recorders, settings.out / "heatmaps.png")
     table = markdown_table(models)
     title = f"# ReConPatch vs PatchCore on {settings.data}\n\n"
+    seeds_text = f"seed {first}"
+    if more:
+        seeds_text = (
+            f"seeds {', '.join(map(str, settings.seeds))} (each number is the mean over the seeds; latency and "
+            f"figures come from seed {first}'s models)"
+        )
     setup = (
         f"Backbone `{settings.backbone}` {settings.layers}, {'x'.join(map(str, image_shape(settings.image_size)))} px "
         f"(height x width), coreset ratio "
-        f"{settings.coreset_ratio}, seed {settings.seed}; {report['versions']}.\n\n"
+        f"{settings.coreset_ratio}, {seeds_text}; {report['versions']}.\n\n"
         "pixel_PRO is anomalib's AUPRO up to 30% false-positive rate. Times in seconds; latency_ms is the median "
         f"per-image time at batch 1 over {settings.latency_images} fixed test images and 3 rounds that time every "
         "model in turn, after all fits (pre- and post-processing included), split into backbone_ms (feature "
         "extractor), search_ms (nearest memory-bank search) and rest_ms (the remainder); peak_rss_mb sampled "
         "during each model's fit and test.\n\n"
     )
+    if spread:
+        table += "\n\nPer seed (" + ", ".join(map(str, settings.seeds)) + "):\n\n" + seed_table(per_seed, spread)
     (settings.out / "report.md").write_text(
         title + setup + table + "\n\n![ROC](roc.png)\n\n![heatmaps](heatmaps.png)\n"
     )
     log("\n" + table)
     log(f"\nReport: {settings.out / 'report.md'} (raw numbers in report.json, roc.png, heatmaps.png)")
-    return {"report": report, "engine_metrics": {n: r["engine_metrics"] for n, r in runs.items()}}
+    return {"report": report, "engine_metrics": engine_metrics[first], "engine_metrics_per_seed": engine_metrics}

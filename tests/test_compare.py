@@ -146,6 +146,51 @@ def test_compare_rejects_a_bad_image_size_before_any_fit(tmp_path: Path, capsys:
     assert not (tmp_path / "out").exists()
 
 
+def test_compare_rejects_a_repeated_seed_before_any_fit(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "data.yaml"
+    data.write_text("class_path: anomalib.data.MVTecAD\ninit_args: {root: nowhere, category: grass}\n")
+    code = main(["compare", "--data", str(data), "--seed", "0", "0", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "--seed 0 0: give one or more different seeds" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_several_seeds_give_each_models_mean_and_spread(demo_root: Path, lite_weights: None, tmp_path: Path) -> None:
+    import statistics
+
+    data = tmp_path / "data.yaml"
+    init_args = {"root": str(demo_root), "category": "grass", "num_workers": 0}
+    data.write_text(yaml.safe_dump({"class_path": "anomalib.data.MVTecAD", "init_args": init_args}))
+    settings = CompareSettings(
+        data=data,
+        out=tmp_path / "out",
+        models=["ReConPatch"],
+        coreset_ratio=0.05,
+        image_size=64,
+        seeds=[0, 1],
+        reconpatch_args={"num_steps": 5},
+        latency_images=2,
+    )
+    result = compare(settings, log=lambda _: None)
+    saved = json.loads((settings.out / "report.json").read_text())
+    assert set(saved["per_seed"]) == {"0", "1"}
+    runs = [saved["per_seed"][seed]["ReConPatch"] for seed in ("0", "1")]
+    for seed, run in zip((0, 1), runs, strict=True):
+        engine = result["engine_metrics_per_seed"][seed]["ReConPatch"]
+        assert all(run[key] == pytest.approx(float(engine[key]), abs=0, rel=0) for key in METRIC_KEYS)
+        assert (settings.out / "runs" / "ReConPatch" / f"seed{seed}").is_dir()  # each seed was fitted
+    mean, spread = saved["models"]["ReConPatch"], saved["spread"]["ReConPatch"]
+    for key in METRIC_KEYS:
+        assert mean[key] == pytest.approx(statistics.fmean(run[key] for run in runs))
+        assert spread[key] == pytest.approx(statistics.stdev(run[key] for run in runs))
+    assert mean["fit_s"] == pytest.approx((runs[0]["fit_s"] + runs[1]["fit_s"]) / 2)
+    assert mean["latency_ms"] > 0
+    text = (settings.out / "report.md").read_text()
+    assert "seeds 0, 1 (each number is the mean over the seeds" in text
+    assert "Per seed (0, 1):" in text
+    assert f"| image_AUROC | {runs[0]['image_AUROC']:.3f} / {runs[1]['image_AUROC']:.3f} (sd " in text
+
+
 def test_anomalib_benchmark_pipeline_runs_reconpatch(demo_root: Path, lite_weights: None, tmp_path: Path) -> None:
     config = {
         "accelerator": ["cpu"],
