@@ -21,7 +21,8 @@ from .anomaly_map import AnomalyMapGenerator
 from .backbone import build_feature_extractor
 from .search import build_index, exporting, search_index
 
-SEARCH_CHUNK = 1024  # eager torch at bottle's shapes: 55.0 ms against 69.9 ms at 4096 (benchmarks/search_chunk.py)
+# Eager torch at bottle's shapes: 1.2-1.3x faster than 4096 in 5 of 7 runs of benchmarks/search_chunk.py.
+SEARCH_CHUNK = 1024
 REFINE_PATCHES = 16
 
 
@@ -278,7 +279,7 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         """While active, the forward is the exported graph's: the support table, and 1x1-convolution searches if asked.
 
         Nested uses keep the outer table; leaving restores the previous form. The table takes one pass of
-        the bank against itself (about 3 s for bottle's 21,401 rows).
+        the bank against itself (2.7 to 3.9 s for bottle's 21,401 rows, benchmarks/search_chunk.py).
         """
         previous = self.support_table, self.convolution_search
         if self.support_table is None and self.memory_bank.numel() and self.num_neighbors > 1:
