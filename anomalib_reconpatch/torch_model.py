@@ -84,6 +84,11 @@ def _conv_chunk_distances(columns: torch.Tensor, part: torch.Tensor) -> torch.Te
     return F.conv2d(columns, -2.0 * part[:, :, None, None], part.pow(2).sum(-1))
 
 
+def _as_columns(queries: torch.Tensor) -> torch.Tensor:
+    """``N x D`` query rows as the ``1 x D x N x 1`` input of ``_conv_chunk_distances``."""
+    return queries.T.reshape(1, queries.shape[1], -1, 1)
+
+
 def nearest_bank_distances(
     embedding: torch.Tensor, bank: torch.Tensor, chunk: int = SEARCH_CHUNK, convolution: bool = False
 ) -> torch.Tensor:
@@ -98,7 +103,7 @@ def nearest_bank_distances(
     """
     parts = [bank[start : start + chunk] for start in range(0, bank.shape[0], chunk)]
     if convolution:
-        columns = embedding.T.reshape(1, embedding.shape[1], -1, 1)
+        columns = _as_columns(embedding)
         minima = [_conv_chunk_distances(columns, part).amin(dim=1).reshape(-1) for part in parts]
     else:
         minima = [_chunk_distances(embedding, part).amin(dim=1) for part in parts]
@@ -161,8 +166,7 @@ def reweighted_image_score(
     batch = torch.arange(patch_scores.shape[0], device=patch_scores.device)
     max_features = embedding[batch, max_patches]
     if convolution:
-        columns = max_features.T.reshape(1, max_features.shape[1], -1, 1)
-        neighbour = _conv_chunk_distances(columns, memory_bank).argmin(dim=1).reshape(-1)
+        neighbour = _conv_chunk_distances(_as_columns(max_features), memory_bank).argmin(dim=1).reshape(-1)
     else:
         neighbour = _chunk_distances(max_features, memory_bank).argmin(dim=1)
     if support_table is None:
