@@ -7,13 +7,15 @@ published numbers come from ``reconpatch compare``; this script only finds where
     python benchmarks/sweep.py --data configs/data/kolektorsdd.yaml --coreset-ratio 0.01 \
         --setting num_steps=0 --setting learning_rate=1e-3 --setting learning_rate=1e-4,num_steps=2000
 
-A ``seed=N`` item (default 0) seeds that setting's run, to see the spread over seeds. Each line
+A ``seed=N`` item (default 0) seeds that setting's run, to see the spread over seeds; a
+``coreset=SPACE`` item chooses where the bank is selected (``select_bank``). Each line
 ends with the range of the trained ``f``'s singular values (1-1 is the untrained identity).
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 import yaml
@@ -29,13 +31,33 @@ def parse_setting(text: str) -> dict:
     return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in text.split(",") if item)}
 
 
-def select_bank(embedded: torch.Tensor, ratio: float, space: str) -> torch.Tensor:
-    """Greedy k-center bank, on the features themselves or (``projected``) on anomalib's random projection."""
+def select_bank(embedded: torch.Tensor, raw: torch.Tensor, ratio: float, space: str) -> torch.Tensor:
+    """Greedy k-center bank of the embedded rows, chosen in one of four spaces.
+
+    ``features``: the embedded rows (ReConPatch's fit); ``projected``: anomalib's random projection of
+    them (stock PatchCore's); ``raw``: the backbone features before ``f``, which separates what ``f``
+    does to the distances from what it does to the coreset's choice; ``all``: every row, no coreset.
+    """
     if space == "features":
         return FastKCenterGreedy(embedded, ratio).sample_coreset()
+    if space == "raw":
+        return embedded[FastKCenterGreedy(raw, ratio).select_coreset_idxs()]
+    if space == "all":
+        return embedded
     projection = SparseRandomProjection(eps=0.9).fit(embedded)
     start = int(torch.randint(high=len(embedded), size=(1,)))
     return embedded[greedy_k_center(projection.transform(embedded), int(len(embedded) * ratio), start)]
+
+
+def defect_groups(datamodule: object) -> dict[str, torch.Tensor]:
+    """Test-image indices per defect folder, each with the good images, whose false positives bound PRO's FPR."""
+    samples = datamodule.test_data.samples
+    folders = samples["image_path"].map(lambda path: Path(path).parent.name)
+    good = samples["label_index"] == 0
+    return {
+        name: torch.tensor(((folders == name) | good).to_numpy()).nonzero()[:, 0]
+        for name in sorted(set(folders[~good]))
+    }
 
 
 def main() -> None:
@@ -43,6 +65,7 @@ def main() -> None:
     parser = data_parser(__doc__)
     parser.add_argument("--coreset-ratio", type=float, default=0.01)
     parser.add_argument("--setting", action="append", default=[])
+    parser.add_argument("--by-type", action="store_true", help="also print PRO per defect folder")
     args = parser.parse_args()
     datamodule, base = load_data(args, coreset_sampling_ratio=args.coreset_ratio)
     train_flat = flat_patches(cache(base, datamodule.train_dataloader(), test=False)["features"])
@@ -62,8 +85,10 @@ def main() -> None:
             model.train_representation(train_flat)
         trained = time.perf_counter() - start
         with torch.no_grad():
-            model.model.memory_bank = select_bank(model.model.embed(train_flat), args.coreset_ratio, coreset_space)
-        metrics = evaluate(*score(model, test["features"], size), test)
+            embedded = model.model.embed(train_flat)
+            model.model.memory_bank = select_bank(embedded, train_flat, args.coreset_ratio, coreset_space)
+        scores, maps = score(model, test["features"], size)
+        metrics = evaluate(scores, maps, test)
         singular = torch.linalg.svdvals(model.model.representation.weight.detach())
         print(
             f"{text or 'defaults':60s} image_AUROC {metrics['image_AUROC']:.4f} "
@@ -71,6 +96,12 @@ def main() -> None:
             f"f singular values {singular.min():.2f}-{singular.max():.2f}",
             flush=True,
         )
+        if args.by_type:
+            pro = {
+                name: evaluate(scores[rows], maps[rows], {"labels": test["labels"][rows], "masks": test["masks"][rows]})
+                for name, rows in defect_groups(datamodule).items()
+            }
+            print("    PRO by defect folder: " + ", ".join(f"{k} {v['PRO']:.4f}" for k, v in pro.items()), flush=True)
 
 
 if __name__ == "__main__":
