@@ -495,8 +495,9 @@ def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> di
         "pixel_PRO is anomalib's AUPRO up to 30% false-positive rate. Times in seconds; latency_ms is the median "
         f"per-image time at batch 1 over {settings.latency_images} fixed test images and 3 rounds that time every "
         "model in turn, after all fits (pre- and post-processing included), split into backbone_ms (feature "
-        "extractor), search_ms (nearest memory-bank search) and rest_ms (the remainder); peak_rss_mb sampled "
-        "during each model's fit and test.\n\n"
+        "extractor), search_ms (nearest memory-bank search) and rest_ms (the remainder); peak_rss_mb is this "
+        "process's resident memory, sampled during each model's fit and test: every run after the process's first "
+        "can include memory that earlier runs still hold (benchmarks/fit_memory.py measures one process per run).\n\n"
     )
     if spread:
         table += "\n\nPer seed (" + ", ".join(map(str, settings.seeds)) + "):\n\n" + seed_table(per_seed, spread)

@@ -9,7 +9,8 @@ published numbers come from ``reconpatch compare``; this script only finds where
 
 A ``seed=N`` item (default 0) seeds that setting's run, to see the spread over seeds; a
 ``coreset=SPACE`` item chooses where the bank is selected (``select_bank``). Each line
-ends with the range of the trained ``f``'s singular values (1-1 is the untrained identity).
+ends with the range of the trained ``f``'s singular values (1-1 is the untrained identity) and its
+gain along the training features' strongest and weakest principal directions.
 """
 
 from __future__ import annotations
@@ -60,6 +61,17 @@ def defect_groups(datamodule: object) -> dict[str, torch.Tensor]:
     }
 
 
+def principal_gains(weight: torch.Tensor, features: torch.Tensor, count: int = 10) -> tuple[float, float]:
+    """Mean gain of ``f`` along the features' ``count`` highest- and lowest-variance principal directions.
+
+    Tells whether training whitens (compresses the dominant directions, stretches the weak ones).
+    """
+    centred = features - features.mean(0)
+    _, directions = torch.linalg.eigh(centred.T.double() @ centred.double())
+    gains = (weight.double() @ directions).norm(dim=0)
+    return float(gains[-count:].mean()), float(gains[:count].mean())
+
+
 def main() -> None:
     """Run each setting and print image AUROC, pixel AUROC and PRO."""
     parser = data_parser(__doc__)
@@ -89,11 +101,14 @@ def main() -> None:
             model.model.memory_bank = select_bank(embedded, train_flat, args.coreset_ratio, coreset_space)
         scores, maps = score(model, test["features"], size)
         metrics = evaluate(scores, maps, test)
-        singular = torch.linalg.svdvals(model.model.representation.weight.detach())
+        weight = model.model.representation.weight.detach()
+        singular = torch.linalg.svdvals(weight)
+        top, bottom = principal_gains(weight, train_flat)
         print(
             f"{text or 'defaults':60s} image_AUROC {metrics['image_AUROC']:.4f} "
             f"pixel_AUROC {metrics['pixel_AUROC']:.4f} PRO {metrics['PRO']:.4f} train {trained:.0f}s "
-            f"f singular values {singular.min():.2f}-{singular.max():.2f}",
+            f"f singular values {singular.min():.2f}-{singular.max():.2f}, "
+            f"gain on top/bottom 10 principal directions {top:.2f}/{bottom:.2f}",
             flush=True,
         )
         if args.by_type:
