@@ -8,7 +8,8 @@ published numbers come from ``reconpatch compare``; this script only finds where
         --setting num_steps=0 --setting learning_rate=1e-3 --setting learning_rate=1e-4,num_steps=2000
 
 A ``seed=N`` item (default 0) seeds that setting's run, to see the spread over seeds; a
-``coreset=SPACE`` item chooses where the bank is selected (``select_bank``). Each line
+``coreset=SPACE`` item chooses where the bank is selected (``select_bank``); ``num_steps=0,scale_top=X``
+scales the 10 strongest principal directions by X instead of training. Each line
 ends with the range of the trained ``f``'s singular values (1-1 is the untrained identity) and its
 gain along the training features' strongest and weakest principal directions.
 """
@@ -66,10 +67,25 @@ def principal_gains(weight: torch.Tensor, features: torch.Tensor, count: int = 1
 
     Tells whether training whitens (compresses the dominant directions, stretches the weak ones).
     """
-    centred = features - features.mean(0)
-    _, directions = torch.linalg.eigh(centred.T.double() @ centred.double())
-    gains = (weight.double() @ directions).norm(dim=0)
+    gains = (weight.double() @ principal_directions(features)).norm(dim=0)
     return float(gains[-count:].mean()), float(gains[:count].mean())
+
+
+def principal_directions(features: torch.Tensor) -> torch.Tensor:
+    """Columns: the features' principal directions, weakest first."""
+    centred = features - features.mean(0)
+    return torch.linalg.eigh(centred.T.double() @ centred.double())[1]
+
+
+def scaled_top_directions(features: torch.Tensor, factor: float, count: int = 10) -> torch.Tensor:
+    """An untrained ``f`` weight: the identity, with the ``count`` strongest principal directions scaled by ``factor``.
+
+    Mimics what training does to bottle (``principal_gains``) without the rest of the training.
+    """
+    directions = principal_directions(features)
+    gains = torch.ones(len(directions), dtype=torch.float64)
+    gains[-count:] = factor
+    return (directions * gains @ directions.T).float()
 
 
 def main() -> None:
@@ -88,6 +104,7 @@ def main() -> None:
         setting = parse_setting(text)
         torch.manual_seed(setting.pop("seed", 0))
         coreset_space = setting.pop("coreset", "features")
+        top_factor = setting.pop("scale_top", None)
         model = ReConPatch(
             backbone=args.backbone, layers=args.layers, coreset_sampling_ratio=args.coreset_ratio, **setting
         )
@@ -96,6 +113,8 @@ def main() -> None:
         with torch.enable_grad():
             model.train_representation(train_flat)
         trained = time.perf_counter() - start
+        if top_factor is not None:
+            model.model.representation.weight.data = scaled_top_directions(train_flat, top_factor)
         with torch.no_grad():
             embedded = model.model.embed(train_flat)
             model.model.memory_bank = select_bank(embedded, train_flat, args.coreset_ratio, coreset_space)
