@@ -325,13 +325,19 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
         """Training: ``N x D`` raw patch features for the memory of the fit. Eval: scores and anomaly maps."""
         features = self.patch_features(images)
-        flat = features.permute(0, 2, 3, 1)
         if self.training:
-            return flat.reshape(-1, flat.shape[-1])
+            return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
         if self.memory_bank.numel() == 0:
             msg = "ReConPatch has no memory bank yet: train it (engine.fit) or load a fitted checkpoint before testing."
             raise RuntimeError(msg)
-        embedding = self.embed(flat)
+        return self.score_features(features, images.shape[-2:])
+
+    def score_features(self, features: torch.Tensor, image_size: tuple[int, int] | torch.Size) -> InferenceBatch:
+        """``B x D x h x w`` patch features -> image scores and ``B x H x W`` maps: the eval path after the backbone.
+
+        The benchmarks call it on cached features, so they score exactly as the model does.
+        """
+        embedding = self.embed(features.permute(0, 2, 3, 1))
         batch, height, width, dim = embedding.shape
         queries = embedding.reshape(-1, dim)
         patch_scores = self.search_bank(queries, batch).reshape(batch, -1)
@@ -343,5 +349,5 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
             self.support_table,
             self.convolution_search,
         )
-        anomaly_map = self.anomaly_map_generator(patch_scores.reshape(batch, 1, height, width), images.shape[-2:])
+        anomaly_map = self.anomaly_map_generator(patch_scores.reshape(batch, 1, height, width), image_size)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)

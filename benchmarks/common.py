@@ -64,21 +64,12 @@ def patchcore_bank(train_patches: torch.Tensor, ratio: float) -> torch.Tensor:
 
 @torch.no_grad()
 def score(model: ReConPatch, features: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image scores and anomaly maps from cached patch features, as the model's eval forward computes them.
+    """Image scores and anomaly maps from cached patch features, through the model's own ``score_features``.
 
     The search is the model's own ``search_bank``, so its ``search`` setting applies.
     """
-    from anomalib_reconpatch.torch_model import reweighted_image_score
-
-    scores, maps = [], []
-    bank = model.model.memory_bank
-    for chunk in features.split(16):
-        emb = model.model.embed(chunk.permute(0, 2, 3, 1))
-        b, h, w, d = emb.shape
-        patch = model.model.search_bank(emb.reshape(-1, d), b).reshape(b, -1)
-        scores.append(reweighted_image_score(patch, emb.reshape(b, -1, d), bank, 9))
-        maps.append(model.model.anomaly_map_generator(patch.reshape(b, 1, h, w), size))
-    return torch.cat(scores), torch.cat(maps)
+    outputs = [model.model.score_features(chunk, size) for chunk in features.split(16)]
+    return torch.cat([o.pred_score for o in outputs]), torch.cat([o.anomaly_map for o in outputs])
 
 
 def load_test_split(datamodule: object, image_size: list[int]) -> tuple[torch.Tensor, dict]:
