@@ -445,14 +445,15 @@ def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> di
     fix_mmap_threshold()  # same allocator setting for both models; see memory.py
     settings.out.mkdir(parents=True, exist_ok=True)
     first, *more = settings.seeds
-    runs = {name: run_one(name, settings, first, data_config, log) for name in settings.models}
-    per_seed = {first: {name: run["result"] for name, run in runs.items()}}
-    engine_metrics = {first: {name: run["engine_metrics"] for name, run in runs.items()}}
-    for seed in more:
-        extra = {name: run_one(name, settings, seed, data_config, log) for name in settings.models}
-        per_seed[seed] = {name: run["result"] for name, run in extra.items()}
-        engine_metrics[seed] = {name: run["engine_metrics"] for name, run in extra.items()}
-        del extra  # only the first seed's models are kept, for latency and the figures
+    per_seed: dict[int, dict[str, dict]] = {}
+    engine_metrics: dict[int, dict[str, dict]] = {}
+    for seed in settings.seeds:
+        seed_runs = {name: run_one(name, settings, seed, data_config, log) for name in settings.models}
+        per_seed[seed] = {name: run["result"] for name, run in seed_runs.items()}
+        engine_metrics[seed] = {name: run["engine_metrics"] for name, run in seed_runs.items()}
+        if seed == first:
+            runs = seed_runs  # only the first seed's models are kept, for latency and the figures
+        del seed_runs
     log(f"[latency] seed {first}'s models, batch 1, every model in turn in each of 3 rounds")
     images = next(iter(runs.values()))["images"]
     timers = {name: partial(image_latency_ms, run.pop("model"), images) for name, run in runs.items()}

@@ -62,12 +62,12 @@ def defect_groups(datamodule: object) -> dict[str, torch.Tensor]:
     }
 
 
-def principal_gains(weight: torch.Tensor, features: torch.Tensor, count: int = 10) -> tuple[float, float]:
-    """Mean gain of ``f`` along the features' ``count`` highest- and lowest-variance principal directions.
+def principal_gains(weight: torch.Tensor, directions: torch.Tensor, count: int = 10) -> tuple[float, float]:
+    """Mean gain of ``f`` along the ``count`` strongest and weakest of ``principal_directions``.
 
     Tells whether training whitens (compresses the dominant directions, stretches the weak ones).
     """
-    gains = (weight.double() @ principal_directions(features)).norm(dim=0)
+    gains = (weight.double() @ directions).norm(dim=0)
     return float(gains[-count:].mean()), float(gains[:count].mean())
 
 
@@ -77,12 +77,11 @@ def principal_directions(features: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigh(centred.T.double() @ centred.double())[1]
 
 
-def scaled_top_directions(features: torch.Tensor, factor: float, count: int = 10) -> torch.Tensor:
+def scaled_top_directions(directions: torch.Tensor, factor: float, count: int = 10) -> torch.Tensor:
     """An untrained ``f`` weight: the identity, with the ``count`` strongest principal directions scaled by ``factor``.
 
     Mimics what training does to bottle (``principal_gains``) without the rest of the training.
     """
-    directions = principal_directions(features)
     gains = torch.ones(len(directions), dtype=torch.float64)
     gains[-count:] = factor
     return (directions * gains @ directions.T).float()
@@ -100,6 +99,8 @@ def main() -> None:
     test = cache(base, datamodule.test_dataloader(), test=True)
     size = tuple(test["masks"].shape[-2:])
     print(f"train patches {tuple(train_flat.shape)}, test images {len(test['labels'])}")
+    directions = principal_directions(train_flat)
+    groups = defect_groups(datamodule) if args.by_type else {}
     for text in args.setting or [""]:
         setting = parse_setting(text)
         torch.manual_seed(setting.pop("seed", 0))
@@ -114,7 +115,7 @@ def main() -> None:
             model.train_representation(train_flat)
         trained = time.perf_counter() - start
         if top_factor is not None:
-            model.model.representation.weight.data = scaled_top_directions(train_flat, top_factor)
+            model.model.representation.weight.data = scaled_top_directions(directions, top_factor)
         with torch.no_grad():
             embedded = model.model.embed(train_flat)
             model.model.memory_bank = select_bank(embedded, train_flat, args.coreset_ratio, coreset_space)
@@ -122,7 +123,7 @@ def main() -> None:
         metrics = evaluate(scores, maps, test)
         weight = model.model.representation.weight.detach()
         singular = torch.linalg.svdvals(weight)
-        top, bottom = principal_gains(weight, train_flat)
+        top, bottom = principal_gains(weight, directions)
         print(
             f"{text or 'defaults':60s} image_AUROC {metrics['image_AUROC']:.4f} "
             f"pixel_AUROC {metrics['pixel_AUROC']:.4f} PRO {metrics['PRO']:.4f} train {trained:.0f}s "
@@ -130,10 +131,10 @@ def main() -> None:
             f"gain on top/bottom 10 principal directions {top:.2f}/{bottom:.2f}",
             flush=True,
         )
-        if args.by_type:
+        if groups:
             pro = {
                 name: evaluate(scores[rows], maps[rows], {"labels": test["labels"][rows], "masks": test["masks"][rows]})
-                for name, rows in defect_groups(datamodule).items()
+                for name, rows in groups.items()
             }
             print("    PRO by defect folder: " + ", ".join(f"{k} {v['PRO']:.4f}" for k, v in pro.items()), flush=True)
 
