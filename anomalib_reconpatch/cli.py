@@ -46,7 +46,7 @@ def _parse_assignments(pairs: Sequence[str]) -> dict:
 def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .compare import CompareSettings, compare
+    from .compare import CompareSettings, RunFailedError, compare
 
     settings = CompareSettings(
         data=Path(args.data),
@@ -59,7 +59,11 @@ def _compare(args: argparse.Namespace) -> int:
         seeds=args.seed,
         reconpatch_args=_parse_assignments(args.reconpatch),
     )
-    compare(settings)
+    try:
+        compare(settings)
+    except RunFailedError as error:
+        print(f"reconpatch compare: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

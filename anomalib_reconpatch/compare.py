@@ -1,9 +1,11 @@
 """``reconpatch compare``: train and test ReConPatch and stock PatchCore on the same data, one report.
 
 Both models go through anomalib's own ``Engine`` and ``Evaluator`` with the same datamodule,
-backbone, layers, image size, coreset ratio and seed, one after the other in one process. With
-several seeds every model runs once per seed and the report gives means and spreads: on small data
-sets one seed's noise can exceed the gap between the models.
+backbone, layers, image size, coreset ratio and seed, one after the other. Each (model, seed) run is
+a fresh Python process (``python -m anomalib_reconpatch.compare JOB RESULT``), so its peak resident
+memory is its own and not what earlier runs left behind; the parent then times every model's
+latency in turn in one process. With several seeds every model runs once per seed and the report
+gives means and spreads: on small data sets one seed's noise can exceed the gap between the models.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import importlib
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -198,6 +203,19 @@ class TestRecorder(Callback):
         )
         self.maps += list(maps[:, 0].float().cpu())
 
+    def saved(self) -> dict[str, list]:
+        """The recorded outputs as plain lists and tensors, to pass from a run's process to the parent."""
+        return {"scores": self.scores, "labels": self.labels, "paths": self.paths, "maps": self.maps}
+
+    @classmethod
+    def restore(cls, saved: dict[str, list]) -> TestRecorder:
+        """The inverse of :meth:`saved`."""
+        recorder = cls()
+        recorder.scores, recorder.labels, recorder.paths, recorder.maps = (
+            saved[key] for key in ("scores", "labels", "paths", "maps")
+        )
+        return recorder
+
 
 @contextmanager
 def peak_rss() -> Iterator[dict[str, float]]:
@@ -244,10 +262,10 @@ def image_latency_ms(model: Any, images: list[torch.Tensor]) -> dict[str, float]
 def run_one(
     name: str, settings: CompareSettings, seed: int, data_config: dict[str, Any], log: Callable[[str], None]
 ) -> dict:
-    """Train and test one model with one seed.
+    """Train and test one model with one seed (inside that run's own process).
 
-    Returns its metrics, fit and test timings, the recorder of its test outputs, the model itself and
-    the fixed test images that ``compare`` times it on.
+    Returns plain data for the parent: its metrics and timings, anomalib's test metrics, the recorded
+    test outputs, the fitted model's state and the fixed test images that ``compare`` times it on.
     """
     from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
@@ -284,10 +302,78 @@ def run_one(
         test_images=len(recorder.scores),
     )
     log(f"[{name}, seed {seed}] " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float)))
-    images = latency_images(datamodule, settings.latency_images)
-    del engine, datamodule
-    gc.collect()
-    return {"result": result, "engine_metrics": metrics, "recorder": recorder, "model": model, "images": images}
+    return {
+        "result": result,
+        "engine_metrics": {key: float(value) for key, value in metrics.items()},
+        "outputs": recorder.saved(),
+        "state": model.state_dict(),
+        "images": [image.as_subclass(torch.Tensor) for image in latency_images(datamodule, settings.latency_images)],
+    }
+
+
+USER_ERRORS: dict[str, type[Exception]] = {
+    error.__name__: error for error in (ValueError, FileExistsError, FileNotFoundError)
+}
+
+
+class RunFailedError(RuntimeError):
+    """A run's process ended on an unexpected error; its traceback is on stderr, above this message."""
+
+
+def run_in_process(
+    name: str, settings: CompareSettings, seed: int, data_config: dict[str, Any], log: Callable[[str], None]
+) -> dict:
+    """:func:`run_one` in a fresh Python process, so that the run's peak memory is its own.
+
+    The child's output lines go to ``log``; a bad-input error in the child (a missing data folder,
+    say) is raised here again with its own type and message.
+    """
+    with tempfile.TemporaryDirectory(prefix="reconpatch-compare-") as folder:
+        job, result = Path(folder) / "job.json", Path(folder) / "result.pt"
+        spec = {"name": name, "seed": seed, "data_config": data_config, "settings": asdict(settings)}
+        job.write_text(json.dumps(spec, default=str))
+        command = [sys.executable, "-m", "anomalib_reconpatch.compare", str(job), str(result)]
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", env=environment
+        ) as child:
+            for line in child.stdout:
+                log(line.rstrip("\n"))
+        if child.returncode != 0 or not result.is_file():
+            msg = f"{name}, seed {seed}: the run's process exited with code {child.returncode}; its error is above."
+            raise RunFailedError(msg)
+        run = torch.load(result, weights_only=True)
+    if "error" in run:
+        raise USER_ERRORS[run["error"]](run["message"])
+    return run
+
+
+def run_child(job: Path, result: Path) -> None:
+    """The child's side of :func:`run_in_process`: read the job, run it, save plain data (or the user error)."""
+    spec = json.loads(job.read_text())
+    fields = spec["settings"]
+    size = fields["image_size"]
+    size = size if isinstance(size, int) else tuple(size)
+    paths = {"data": Path(fields["data"]), "out": Path(fields["out"])}
+    settings = CompareSettings(**{**fields, **paths, "image_size": size})
+    fix_mmap_threshold()  # the same allocator setting for every run; see memory.py
+    try:
+        run = run_one(spec["name"], settings, spec["seed"], spec["data_config"], partial(print, flush=True))
+    except tuple(USER_ERRORS.values()) as error:
+        kind = next(name for name, error_type in USER_ERRORS.items() if isinstance(error, error_type))
+        run = {"error": kind, "message": str(error)}
+    torch.save(run, result)
+
+
+def load_fitted(model: LightningModule, state: dict[str, torch.Tensor]) -> LightningModule:
+    """A freshly built model with a fitted state; buffers that fitting resized (memory banks) take the saved shape."""
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            owner, _, buffer = key.rpartition(".")
+            setattr(model.get_submodule(owner), buffer, torch.empty_like(value))
+    model.load_state_dict(state)
+    return model
 
 
 def versions() -> dict[str, Any]:
@@ -442,21 +528,27 @@ def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> di
     if not settings.seeds or len(set(settings.seeds)) != len(settings.seeds):
         msg = f"--seed {' '.join(map(str, settings.seeds))}: give one or more different seeds (e.g. --seed 0 1 2)."
         raise ValueError(msg)
-    fix_mmap_threshold()  # same allocator setting for both models; see memory.py
+    build_datamodule(data_config, settings.seeds[0])  # bad data or model settings fail here, before any run
+    for name in settings.models:
+        build_model(name, settings)
     settings.out.mkdir(parents=True, exist_ok=True)
     first, *more = settings.seeds
     per_seed: dict[int, dict[str, dict]] = {}
     engine_metrics: dict[int, dict[str, dict]] = {}
+    runs: dict[str, dict] = {}
     for seed in settings.seeds:
-        seed_runs = {name: run_one(name, settings, seed, data_config, log) for name in settings.models}
-        per_seed[seed] = {name: run["result"] for name, run in seed_runs.items()}
-        engine_metrics[seed] = {name: run["engine_metrics"] for name, run in seed_runs.items()}
-        if seed == first:
-            runs = seed_runs  # only the first seed's models are kept, for latency and the figures
-        del seed_runs
+        for name in settings.models:
+            run = run_in_process(name, settings, seed, data_config, log)
+            per_seed.setdefault(seed, {})[name] = run["result"]
+            engine_metrics.setdefault(seed, {})[name] = run["engine_metrics"]
+            if seed == first:
+                runs[name] = run  # only the first seed's models are kept, for latency and the figures
     log(f"[latency] seed {first}'s models, batch 1, every model in turn in each of 3 rounds")
     images = next(iter(runs.values()))["images"]
-    timers = {name: partial(image_latency_ms, run.pop("model"), images) for name, run in runs.items()}
+    timers = {
+        name: partial(image_latency_ms, load_fitted(build_model(name, settings), run.pop("state")), images)
+        for name, run in runs.items()
+    }
     latencies = interleaved_medians(timers)
     for name, latency in latencies.items():
         log(f"[{name}] " + ", ".join(f"{k} {v:.1f}" for k, v in latency.items()))
@@ -478,7 +570,7 @@ def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> di
         "versions": versions(),
     }
     (settings.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    recorders = {name: run["recorder"] for name, run in runs.items()}
+    recorders = {name: TestRecorder.restore(run["outputs"]) for name, run in runs.items()}
     plot_roc(recorders, settings.out / "roc.png")
     plot_heatmaps(recorders, settings.out / "heatmaps.png")
     table = markdown_table(models)
@@ -496,9 +588,9 @@ def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> di
         "pixel_PRO is anomalib's AUPRO up to 30% false-positive rate. Times in seconds; latency_ms is the median "
         f"per-image time at batch 1 over {settings.latency_images} fixed test images and 3 rounds that time every "
         "model in turn, after all fits (pre- and post-processing included), split into backbone_ms (feature "
-        "extractor), search_ms (nearest memory-bank search) and rest_ms (the remainder); peak_rss_mb is this "
-        "process's resident memory, sampled during each model's fit and test: every run after the process's first "
-        "can include memory that earlier runs still hold (benchmarks/fit_memory.py measures one process per run).\n\n"
+        "extractor), search_ms (nearest memory-bank search) and rest_ms (the remainder); peak_rss_mb is the "
+        "resident memory of the run's own process (every model and seed is fitted and tested in a fresh one), "
+        "sampled every 20 ms during its fit and test.\n\n"
     )
     if spread:
         table += "\n\nPer seed (" + ", ".join(map(str, settings.seeds)) + "):\n\n" + seed_table(per_seed, spread)
@@ -508,3 +600,7 @@ def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> di
     log("\n" + table)
     log(f"\nReport: {settings.out / 'report.md'} (raw numbers in report.json, roc.png, heatmaps.png)")
     return {"report": report, "engine_metrics": engine_metrics[first], "engine_metrics_per_seed": engine_metrics}
+
+
+if __name__ == "__main__":
+    run_child(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +156,31 @@ def test_compare_rejects_a_repeated_seed_before_any_fit(tmp_path: Path, capsys: 
     assert not (tmp_path / "out").exists()
 
 
+def test_compare_rejects_a_bad_reconpatch_setting_before_any_fit(
+    tmp_path: Path, lite_weights: None, capsys: pytest.CaptureFixture
+) -> None:
+    data = tmp_path / "data.yaml"
+    data.write_text("class_path: anomalib.data.MVTecAD\ninit_args: {root: nowhere, category: grass}\n")
+    code = main(["compare", "--data", str(data), "--reconpatch", "k=0", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "ReConPatch: k=0 is out of range" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_runs_bad_input_error_reaches_the_user_from_its_process(
+    demo_root: Path, lite_weights: None, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    shutil.copytree(demo_root / "brick", tmp_path / "data" / "brick")
+    for path in (tmp_path / "data" / "brick" / "train" / "good").glob("*.png"):
+        path.unlink()
+    data = tmp_path / "data.yaml"
+    init_args = {"root": str(tmp_path / "data"), "category": "brick", "num_workers": 0}
+    data.write_text(yaml.safe_dump({"class_path": "anomalib.data.MVTecAD", "init_args": init_args}))
+    code = main(["compare", "--data", str(data), "--models", "ReConPatch", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert f"No training images found under {tmp_path / 'data' / 'brick'}" in capsys.readouterr().err
+
+
 def test_several_seeds_give_each_models_mean_and_spread(demo_root: Path, lite_weights: None, tmp_path: Path) -> None:
     import statistics
 
@@ -171,10 +197,13 @@ def test_several_seeds_give_each_models_mean_and_spread(demo_root: Path, lite_we
         reconpatch_args={"num_steps": 5},
         latency_images=2,
     )
+    ballast = torch.ones(3 * 2**30 // 4)  # 3 GiB this process holds (and has touched) during the runs
     result = compare(settings, log=lambda _: None)
+    del ballast
     saved = json.loads((settings.out / "report.json").read_text())
     assert set(saved["per_seed"]) == {"0", "1"}
     runs = [saved["per_seed"][seed]["ReConPatch"] for seed in ("0", "1")]
+    assert all(0 < run["peak_rss_mb"] < 3 * 1024 for run in runs)  # each run's own process, not this one
     for seed, run in zip((0, 1), runs, strict=True):
         engine = result["engine_metrics_per_seed"][seed]["ReConPatch"]
         assert all(run[key] == pytest.approx(float(engine[key]), abs=0, rel=0) for key in METRIC_KEYS)
