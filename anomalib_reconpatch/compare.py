@@ -14,6 +14,7 @@ import gc
 import importlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -320,6 +321,23 @@ class RunFailedError(RuntimeError):
     """A run's process ended on an unexpected error; its traceback is on stderr, above this message."""
 
 
+def describe_exit(code: int) -> str:
+    """How a run's process ended, in words: a kill by the out-of-memory killer should say so."""
+    if code >= 0:
+        return f"exited with code {code}; its error is printed above"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    text = f"was killed by {name}"
+    if -code == signal.SIGKILL:
+        text += (
+            ", most often the kernel's out-of-memory killer (see `dmesg`): lower --coreset-ratio or --image-size "
+            "(ReConPatch alone: a smaller --reconpatch feature_memory_mb=N)"
+        )
+    return text
+
+
 def run_in_process(
     name: str, settings: CompareSettings, seed: int, data_config: dict[str, Any], log: Callable[[str], None]
 ) -> dict:
@@ -340,7 +358,7 @@ def run_in_process(
             for line in child.stdout:
                 log(line.rstrip("\n"))
         if child.returncode != 0 or not result.is_file():
-            msg = f"{name}, seed {seed}: the run's process exited with code {child.returncode}; its error is above."
+            msg = f"{name}, seed {seed}: the run's process {describe_exit(child.returncode)}."
             raise RunFailedError(msg)
         run = torch.load(result, weights_only=True)
     if "error" in run:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,14 @@ import yaml
 from torch import nn
 
 from anomalib_reconpatch.cli import main
-from anomalib_reconpatch.compare import METRIC_KEYS, TIMING_KEYS, CompareSettings, compare, latency_images
+from anomalib_reconpatch.compare import (
+    METRIC_KEYS,
+    TIMING_KEYS,
+    CompareSettings,
+    compare,
+    describe_exit,
+    latency_images,
+)
 from anomalib_reconpatch.latency import interleaved_medians, split_latency_ms
 
 BIN = Path(sys.executable).parent
@@ -122,6 +130,14 @@ def test_interleaved_medians_time_every_model_in_each_round() -> None:
     result = interleaved_medians({"a": timer("a", a), "b": timer("b", [{"latency_ms": v} for v in (10.0, 30.0, 20.0)])})
     assert calls == ["a", "b"] * 3
     assert result == {"a": a[2], "b": {"latency_ms": 20.0}}  # the median round, whole
+
+
+def test_a_runs_exit_is_described_and_a_kill_points_at_memory() -> None:
+    assert describe_exit(1) == "exited with code 1; its error is printed above"
+    assert describe_exit(-signal.SIGTERM) == "was killed by SIGTERM"
+    killed = describe_exit(-signal.SIGKILL)
+    assert killed.startswith("was killed by SIGKILL, most often the kernel's out-of-memory killer")
+    assert "lower --coreset-ratio or --image-size" in killed
 
 
 def test_latency_images_are_a_fixed_spread_of_the_test_set() -> None:
