@@ -505,8 +505,12 @@ def find_mask(image_path: str) -> Path | None:
     return None
 
 
-def plot_heatmaps(recorders: dict[str, TestRecorder], path: Path) -> None:
-    """Grid: each row one test image, then each model's anomaly map, then the ground-truth mask."""
+def heatmap_figure(recorders: dict[str, TestRecorder]) -> Any:
+    """Grid: each row one test image, then each model's anomaly map, then the ground-truth mask.
+
+    Each model's maps share one colour scale, its lowest to its highest value over the whole test
+    set, so a good image's map looks as cool as it is (per-image scaling painted good images red).
+    """
     import matplotlib as mpl
 
     mpl.use("Agg")
@@ -516,6 +520,10 @@ def plot_heatmaps(recorders: dict[str, TestRecorder], path: Path) -> None:
     first = next(iter(recorders.values()))
     rows = pick_examples(first)
     names = list(recorders)
+    scales = {
+        name: (float(min(m.min() for m in rec.maps)), float(max(m.max() for m in rec.maps)))
+        for name, rec in recorders.items()
+    }
     fig, axes = plt.subplots(
         len(rows), len(names) + 2, figsize=(2.2 * (len(names) + 2), 2.2 * len(rows)), squeeze=False
     )
@@ -526,7 +534,8 @@ def plot_heatmaps(recorders: dict[str, TestRecorder], path: Path) -> None:
         for c, name in enumerate(names, start=1):
             rec = recorders[name]
             j = rec.paths.index(image_path)
-            axes[r, c].imshow(rec.maps[j], cmap="jet")
+            low, high = scales[name]
+            axes[r, c].imshow(rec.maps[j], cmap="jet", vmin=low, vmax=high)
             axes[r, c].set_title(f"{name} {rec.scores[j]:.2f}", fontsize=7)
         mask = find_mask(image_path)
         blank = Image.new("L", (MAP_SIZE, MAP_SIZE))
@@ -535,6 +544,14 @@ def plot_heatmaps(recorders: dict[str, TestRecorder], path: Path) -> None:
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
+    return fig
+
+
+def plot_heatmaps(recorders: dict[str, TestRecorder], path: Path) -> None:
+    """Write :func:`heatmap_figure` to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = heatmap_figure(recorders)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -608,7 +625,8 @@ def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> di
         "model in turn, after all fits (pre- and post-processing included), split into backbone_ms (feature "
         "extractor), search_ms (nearest memory-bank search) and rest_ms (the remainder); peak_rss_mb is the "
         "resident memory of the run's own process (every model and seed is fitted and tested in a fresh one), "
-        "sampled every 20 ms during its fit and test.\n\n"
+        "sampled every 20 ms during its fit and test. In heatmaps.png each model's maps share one colour scale, "
+        "from its lowest to its highest value over the whole test set.\n\n"
     )
     if spread:
         table += "\n\nPer seed (" + ", ".join(map(str, settings.seeds)) + "):\n\n" + seed_table(per_seed, spread)

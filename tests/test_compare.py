@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import matplotlib
+import matplotlib.pyplot
 import pytest
 import torch
 import yaml
@@ -22,8 +24,10 @@ from anomalib_reconpatch.compare import (
     CompareSettings,
     compare,
     describe_exit,
+    heatmap_figure,
     latency_images,
 )
+from anomalib_reconpatch.compare import TestRecorder as Recorder
 from anomalib_reconpatch.latency import interleaved_medians, split_latency_ms
 
 BIN = Path(sys.executable).parent
@@ -138,6 +142,31 @@ def test_a_runs_exit_is_described_and_a_kill_points_at_memory() -> None:
     killed = describe_exit(-signal.SIGKILL)
     assert killed.startswith("was killed by SIGKILL, most often the kernel's out-of-memory killer")
     assert "lower --coreset-ratio or --image-size" in killed
+
+
+def test_heatmaps_give_each_model_one_colour_scale_so_good_images_look_cool(demo_root: Path) -> None:
+    test = demo_root / "grass" / "test"
+    paths = [str(test / "scratch" / "000.png"), str(test / "good" / "000.png")]
+    recorders = {
+        name: Recorder.restore(
+            {
+                "scores": [high, low],
+                "labels": [1, 0],
+                "paths": paths,
+                "maps": [torch.full((8, 8), high), torch.full((8, 8), low)],
+            }
+        )
+        for name, low, high in (("A", 1.0, 10.0), ("B", 100.0, 1000.0))
+    }
+    fig = heatmap_figure(recorders)
+    axes = [ax for ax in fig.axes if ax.images]
+    grid = [axes[row * 4 : row * 4 + 4] for row in range(2)]  # image, A, B, ground truth per row
+    for column, (low, high) in ((1, (1.0, 10.0)), (2, (100.0, 1000.0))):
+        defect, good = (grid[row][column].images[0] for row in range(2))
+        assert (defect.norm.vmin, defect.norm.vmax) == (good.norm.vmin, good.norm.vmax) == (low, high)
+        assert tuple(good.to_rgba(good.get_array())[0, 0]) == pytest.approx(matplotlib.colormaps["jet"](0.0))
+        assert tuple(defect.to_rgba(defect.get_array())[0, 0]) == pytest.approx(matplotlib.colormaps["jet"](1.0))
+    matplotlib.pyplot.close(fig)
 
 
 def test_latency_images_are_a_fixed_spread_of_the_test_set() -> None:
