@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.error import URLError
 
 import torch
 import yaml
@@ -380,7 +381,19 @@ def run_child(job: Path, result: Path) -> None:
     except tuple(USER_ERRORS.values()) as error:
         kind = next(name for name, error_type in USER_ERRORS.items() if isinstance(error, error_type))
         run = {"error": kind, "message": str(error)}
+    except URLError as error:
+        run = {"error": "FileNotFoundError", "message": download_failure(error, spec["data_config"], settings.data)}
     torch.save(run, result)
+
+
+def download_failure(error: URLError, data_config: dict[str, Any], data: Path) -> str:
+    """What to do when anomalib tried to download a data set that is not on disk, and could not."""
+    root = (data_config.get("init_args") or {}).get("root", "the data root")
+    return (
+        f"The data set is not under {root} (init_args.root in {data}), and anomalib's attempt to download it "
+        f"failed ({error.reason}). Point root at the folder that holds your data set; for the demo data, "
+        f"write it first with `reconpatch demo-data {root}`."
+    )
 
 
 def load_fitted(model: LightningModule, state: dict[str, torch.Tensor]) -> LightningModule:

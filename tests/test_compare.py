@@ -226,6 +226,21 @@ def test_a_runs_bad_input_error_reaches_the_user_from_its_process(
     assert f"No training images found under {tmp_path / 'data' / 'brick'}" in capsys.readouterr().err
 
 
+def test_a_missing_data_set_that_cannot_be_downloaded_says_where_it_was_looked_for(
+    lite_weights: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    for name in ("https_proxy", "HTTPS_PROXY"):  # the run's process fails to download, even with internet
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    data = tmp_path / "data.yaml"
+    init_args = {"root": str(tmp_path / "absent"), "category": "brick", "num_workers": 0}
+    data.write_text(yaml.safe_dump({"class_path": "anomalib.data.MVTecAD", "init_args": init_args}))
+    code = main(["compare", "--data", str(data), "--models", "ReConPatch", "--out", str(tmp_path / "out")])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert f"The data set is not under {tmp_path / 'absent'} (init_args.root in {data})" in error
+    assert f"reconpatch demo-data {tmp_path / 'absent'}" in error
+
+
 def test_several_seeds_give_each_models_mean_and_spread(demo_root: Path, lite_weights: None, tmp_path: Path) -> None:
     import statistics
 
