@@ -72,13 +72,14 @@ def _predict(args: argparse.Namespace) -> int:
 
     from .predict import predict
 
-    predict(Path(args.model), Path(args.input), Path(args.out), device=args.device)
+    predict(Path(args.model), Path(args.input), Path(args.out), device=args.device, precision=args.precision)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of every ``reconpatch`` sub-command."""
     from .demo_data import TEXTURES
+    from .predict import PRECISIONS
     from .weights import LITE_VARIANTS
 
     parser = argparse.ArgumentParser(prog="reconpatch", description=__doc__)
@@ -116,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--input", required=True, help="an image file or a folder of images (searched recursively)")
     pred.add_argument("--out", required=True, help="output folder (never inside the input folder)")
     pred.add_argument("--device", default="CPU", help="OpenVINO device")
+    pred.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="f32",
+        help="f32 (default): scores as in PyTorch; auto: OpenVINO's choice (bfloat16 on CPUs with AVX-512 BF16 or AMX)",
+    )
     pred.set_defaults(run=_predict)
     return parser
 

@@ -38,9 +38,26 @@ class PredictSummary:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-def load_compiled_model(model_path: Path, device: str = "CPU") -> object:
+PRECISIONS = ("f32", "auto")
+
+
+def compile_options(precision: str = "f32") -> dict[str, str]:
+    """OpenVINO compile options for ``precision``: ``f32`` computes in float32, ``auto`` lets the device choose.
+
+    On CPUs with AVX-512 BF16 or AMX, OpenVINO runs FP32 models in bfloat16 unless told otherwise, and
+    the scores then drift from the PyTorch model's (seen here: the export tests failed their tolerances).
+    """
+    if precision not in PRECISIONS:
+        msg = f"--precision {precision}: use f32 (scores as in PyTorch) or auto (OpenVINO's choice, bf16 on some CPUs)."
+        raise ValueError(msg)
+    return {"INFERENCE_PRECISION_HINT": "f32"} if precision == "f32" else {}
+
+
+def load_compiled_model(model_path: Path, device: str = "CPU", precision: str = "f32") -> object:
     """Compile an exported ``.xml`` (with its ``.bin``) or ``.onnx``; errors say which file is wrong."""
     import openvino as ov
+
+    options = compile_options(precision)
 
     if not model_path.is_file():
         msg = f"Model file {model_path} does not exist: pass the .xml that `anomalib export` wrote."
@@ -52,7 +69,7 @@ def load_compiled_model(model_path: Path, device: str = "CPU") -> object:
         msg = f"Weights {model_path.with_suffix('.bin')} are missing next to {model_path}: copy the .bin with the .xml."
         raise FileNotFoundError(msg)
     try:
-        return ov.Core().compile_model(str(model_path), device)
+        return ov.Core().compile_model(str(model_path), device, options)
     except RuntimeError as error:
         msg = f"OpenVINO could not read {model_path} (corrupt or not an exported model?): {str(error).splitlines()[0]}"
         raise ValueError(msg) from error
@@ -112,7 +129,12 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray) -> np.ndarray:
 
 
 def predict(
-    model_path: Path, source: Path, out: Path, device: str = "CPU", log: Callable[[str], None] = print
+    model_path: Path,
+    source: Path,
+    out: Path,
+    device: str = "CPU",
+    log: Callable[[str], None] = print,
+    precision: str = "f32",
 ) -> PredictSummary:
     """Score every image of ``source`` with the exported model; write overlays and ``scores.csv`` to ``out``."""
     from PIL import Image
@@ -120,7 +142,7 @@ def predict(
     from .checks import UnreadableImageError
 
     check_output_outside(source, out)
-    compiled = load_compiled_model(model_path, device)
+    compiled = load_compiled_model(model_path, device, precision)
     names = {output.get_any_name() for output in compiled.outputs}
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "scores.csv"

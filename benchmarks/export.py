@@ -29,6 +29,8 @@ from common import cache, data_parser, evaluate, flat_patches, load_data, load_t
 from ir_timing import interleaved_ms, peak_rss_mb
 from torch import nn
 
+from anomalib_reconpatch.predict import compile_options
+
 
 class PatchFeaturesOnly(nn.Module):
     """Pre-processing, frozen backbone and patch features: the part both models share."""
@@ -81,7 +83,8 @@ def op_profile(xml: Path, images: np.ndarray, repeats: int = 10) -> dict[str, di
     """
     import openvino as ov
 
-    request = ov.Core().compile_model(str(xml), "CPU", {"PERF_COUNT": "YES"}).create_infer_request()
+    options = {"PERF_COUNT": "YES", **compile_options()}
+    request = ov.Core().compile_model(str(xml), "CPU", options).create_infer_request()
     request.infer({0: images[:1]})
     totals: dict[str, dict] = {}
     for i in range(repeats):
@@ -98,7 +101,7 @@ def run_ir(xml: Path, images: np.ndarray) -> dict[str, np.ndarray]:
     """Scores and maps of an IR over all ``images`` at batch 1."""
     import openvino as ov
 
-    compiled = ov.Core().compile_model(str(xml), "CPU")
+    compiled = ov.Core().compile_model(str(xml), "CPU", compile_options())
     outputs = [compiled(image[None]) for image in images]
     return {name: np.concatenate([o[compiled.output(name)] for o in outputs]) for name in ("pred_score", "anomaly_map")}
 

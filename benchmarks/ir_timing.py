@@ -17,9 +17,11 @@ from pathlib import Path
 
 _INTERLEAVED = """
 import json, statistics, sys, time, numpy as np, openvino as ov
+from anomalib_reconpatch.predict import compile_options
+F32 = compile_options()
 irs, images, repeats = json.loads(sys.argv[1]), np.load(sys.argv[2]), int(sys.argv[3])
 core = ov.Core()
-compiled = {name: (core.compile_model(xml, "CPU"), batch) for name, (xml, batch) in irs.items()}
+compiled = {name: (core.compile_model(xml, "CPU", F32), batch) for name, (xml, batch) in irs.items()}
 for model, batch in compiled.values():
     model(images[:batch])
 times = {name: [] for name in compiled}
@@ -34,8 +36,10 @@ print(json.dumps({name: statistics.median(t) for name, t in times.items()}))
 
 _PEAK_RSS = """
 import sys, numpy as np, openvino as ov
+from anomalib_reconpatch.predict import compile_options
+F32 = compile_options()
 images, batch = np.load(sys.argv[2]), int(sys.argv[3])
-compiled = ov.Core().compile_model(sys.argv[1], "CPU")
+compiled = ov.Core().compile_model(sys.argv[1], "CPU", F32)
 for start in range(0, 3 * batch, batch):
     compiled(images[start:start + batch])
 print(int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024)

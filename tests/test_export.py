@@ -13,6 +13,7 @@ from anomalib.engine import Engine
 from anomalib.metrics import AUROC
 
 from anomalib_reconpatch import ReConPatch
+from anomalib_reconpatch.predict import load_compiled_model
 
 from .conftest import BACKBONE, LAYERS
 
@@ -55,10 +56,8 @@ def raw_images(root: Path, split: str, count: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_openvino_matches_torch_at_any_batch(exported: tuple, demo_root: Path, batch: int) -> None:
-    import openvino as ov
-
     model, xml, _ = exported
-    compiled = ov.Core().compile_model(str(xml), "CPU")
+    compiled = load_compiled_model(xml)
     images = torch.cat([raw_images(demo_root, "test/good", 2), raw_images(demo_root, "test/scratch", 2)])[:batch]
     with torch.no_grad():
         reference = model(images)
@@ -74,11 +73,9 @@ def test_openvino_matches_torch_at_any_batch(exported: tuple, demo_root: Path, b
 
 
 def test_onnx_export_loads_in_openvino(exported: tuple) -> None:
-    import openvino as ov
-
     model, _, root = exported
     onnx_path = model.to_onnx(root / "onnx")
-    compiled = ov.Core().compile_model(ov.Core().read_model(str(onnx_path)), "CPU")
+    compiled = load_compiled_model(onnx_path)
     out = compiled(np.zeros((1, 3, 128, 128), dtype=np.float32))
     assert out[compiled.output("pred_score")].shape == (1,)
 
@@ -116,7 +113,7 @@ def test_int8_ptq_through_the_stock_cli_calibrates_on_training_images_and_keeps_
         "out['fed'] = sorted({t.get_node().get_type_name() for op in graph.get_ops()\n"
         "    if op.get_type_name() == 'FakeQuantize' for o in op.outputs() for t in o.get_target_inputs()})\n"
         "for name, xml in (('fp32', sys.argv[2]), ('int8', sys.argv[3])):\n"
-        "    compiled = ov.Core().compile_model(xml, 'CPU')\n"
+        "    compiled = ov.Core().compile_model(xml, 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})\n"
         "    out[name] = [float(compiled(i[None])[compiled.output('pred_score')][0]) for i in images]\n"
         "print(json.dumps(out))\n"
     )  # compiling the INT8 IR in the test process made a later torch training segfault
@@ -139,7 +136,8 @@ def test_int8_ptq_through_the_stock_cli_calibrates_on_training_images_and_keeps_
         metric.update(SimpleNamespace(pred_score=torch.tensor(result[name]), gt_label=labels))
         auroc[name] = float(metric.compute())
     one_pair = 1 / (int((labels == 0).sum()) * int((labels == 1).sum()))  # AUROC step of one swapped pair
-    assert abs(auroc["int8"] - auroc["fp32"]) <= one_pair + 1e-9, (auroc, result["fp32"], result["int8"])
+    slack = 1e-6  # the AUROCs are float32: 11/18 came out 7e-9 too low once
+    assert abs(auroc["int8"] - auroc["fp32"]) <= one_pair + slack, (auroc, result["fp32"], result["int8"])
 
 
 def test_int8_ptq_without_data_says_what_to_pass() -> None:
@@ -187,11 +185,36 @@ def test_predict_rejects_bad_models_and_outputs(exported: tuple, demo_root: Path
         predict(exported[1], demo_root / "grass", demo_root / "grass" / "results")
 
 
-def test_stock_cli_exports_a_checkpoint(exported: tuple, tmp_path: Path) -> None:
-
+def test_predict_compiles_in_float32_unless_asked_otherwise(exported: tuple) -> None:
     import openvino as ov
 
+    from anomalib_reconpatch.predict import compile_options
+
+    assert load_compiled_model(exported[1]).get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+    assert compile_options("auto") == {}
+    with pytest.raises(ValueError, match="--precision bf16: use f32"):
+        compile_options("bf16")
+
+
+def test_stock_openvino_inferencer_with_the_readme_config_matches_torch(
+    exported: tuple, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from anomalib.deploy import OpenVINOInferencer
+
+    from anomalib_reconpatch.predict import compile_options
+
+    monkeypatch.chdir(tmp_path)  # the inferencer writes openvino_cache/ into the working directory
+    model, xml, _ = exported
+    inferencer = OpenVINOInferencer(path=xml, device="CPU", config=compile_options())
+    images = raw_images(demo_root, "test/scratch", 2)
+    with torch.no_grad():
+        reference = model(images).pred_score.numpy()
+    scores = [float(inferencer.predict(image).pred_score.squeeze()) for image in images]
+    assert np.abs(np.array(scores) - reference).max() <= 1e-3
+
+
+def test_stock_cli_exports_a_checkpoint(exported: tuple, tmp_path: Path) -> None:
     _, _, root = exported
     xml = stock_export(root / "model.ckpt", tmp_path, 600)
-    compiled = ov.Core().compile_model(str(xml), "CPU")
+    compiled = load_compiled_model(xml)
     assert compiled(np.zeros((1, 3, 256, 256), dtype=np.float32))[compiled.output("pred_score")].shape == (1,)

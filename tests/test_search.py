@@ -11,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from anomalib_reconpatch import ReConPatch, ReConPatchModel, search
+from anomalib_reconpatch.predict import load_compiled_model
 from anomalib_reconpatch.torch_model import nearest_bank_distances, nearest_bank_rows, refine_top_patches
 
 from .conftest import BACKBONE, LAYERS
@@ -141,8 +142,6 @@ def test_refinement_certifies_each_images_largest_distance(real_rows: tuple, poo
 def test_export_traces_exact_search_whatever_the_setting(
     real_rows: tuple, demo_root: Path, tmp_path: Path, poor_index: None
 ) -> None:
-    import openvino as ov
-
     bank, _ = real_rows
     model = banked_model(bank, "hnsw")
     raw = demo_images(demo_root, "test/scratch", 2)  # torch and the exported graph get the same input
@@ -155,7 +154,7 @@ def test_export_traces_exact_search_whatever_the_setting(
     assert (approximate - exact.anomaly_map).abs().max() > 100 * tolerance
     onnx_path = model.to_onnx(tmp_path)
     assert model.model.search == "hnsw"
-    compiled = ov.Core().compile_model(ov.Core().read_model(str(onnx_path)), "CPU")
+    compiled = load_compiled_model(onnx_path)
     result = compiled(raw.numpy())
     assert np.allclose(result[compiled.output("pred_score")], exact.pred_score.numpy(), rtol=1e-3)
     assert np.abs(result[compiled.output("anomaly_map")] - exact.anomaly_map.numpy()).max() <= tolerance
