@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+BAD_INPUT_ERRORS = (ValueError, FileExistsError, FileNotFoundError)  # printed as one line, no traceback
+
 
 def _weights(args: argparse.Namespace) -> int:
     from .weights import write_lite_weights
@@ -132,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
+    except BAD_INPUT_ERRORS as error:
         print(f"reconpatch {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -33,6 +33,7 @@ import torch
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from .cli import BAD_INPUT_ERRORS
 from .latency import interleaved_medians, split_latency_ms
 from .memory import fix_mmap_threshold
 
@@ -313,9 +314,7 @@ def run_one(
     }
 
 
-USER_ERRORS: dict[str, type[Exception]] = {
-    error.__name__: error for error in (ValueError, FileExistsError, FileNotFoundError)
-}
+USER_ERRORS: dict[str, type[Exception]] = {error.__name__: error for error in BAD_INPUT_ERRORS}
 
 
 class RunFailedError(RuntimeError):
@@ -394,17 +393,6 @@ def download_failure(error: URLError, data_config: dict[str, Any], data: Path) -
         f"failed ({error.reason}). Point root at the folder that holds your data set; for the demo data, "
         f"write it first with `reconpatch demo-data {root}`."
     )
-
-
-def load_fitted(model: LightningModule, state: dict[str, torch.Tensor]) -> LightningModule:
-    """A freshly built model with a fitted state; buffers that fitting resized (memory banks) take the saved shape."""
-    own = model.state_dict()
-    for key, value in state.items():
-        if key in own and own[key].shape != value.shape:
-            owner, _, buffer = key.rpartition(".")
-            setattr(model.get_submodule(owner), buffer, torch.empty_like(value))
-    model.load_state_dict(state)
-    return model
 
 
 def versions() -> dict[str, Any]:
@@ -577,8 +565,7 @@ def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> di
         msg = f"--seed {' '.join(map(str, settings.seeds))}: give one or more different seeds (e.g. --seed 0 1 2)."
         raise ValueError(msg)
     build_datamodule(data_config, settings.seeds[0])  # bad data or model settings fail here, before any run
-    for name in settings.models:
-        build_model(name, settings)
+    fresh = {name: build_model(name, settings) for name in settings.models}  # take the fitted states for latency
     settings.out.mkdir(parents=True, exist_ok=True)
     first, *more = settings.seeds
     per_seed: dict[int, dict[str, dict]] = {}
@@ -593,14 +580,13 @@ def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> di
                 runs[name] = run  # only the first seed's models are kept, for latency and the figures
     log(f"[latency] seed {first}'s models, batch 1, every model in turn in each of 3 rounds")
     images = next(iter(runs.values()))["images"]
-    timers = {
-        name: partial(image_latency_ms, load_fitted(build_model(name, settings), run.pop("state")), images)
-        for name, run in runs.items()
-    }
+    for name, run in runs.items():
+        fresh[name].load_state_dict(run.pop("state"))  # anomalib's DynamicBufferMixin resizes the memory banks
+    timers = {name: partial(image_latency_ms, model, images) for name, model in fresh.items()}
     latencies = interleaved_medians(timers)
     for name, latency in latencies.items():
         log(f"[{name}] " + ", ".join(f"{k} {v:.1f}" for k, v in latency.items()))
-    del timers
+    del timers, fresh
     models = mean_over_seeds(per_seed)
     for name, latency in latencies.items():
         models[name].update(latency)
