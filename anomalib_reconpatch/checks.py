@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from anomalib import TaskType
+from anomalib.data.utils import LabelName
 
 logger = logging.getLogger(__name__)
 
@@ -149,13 +151,18 @@ def only_resizes(transform: Any) -> bool:
 
 
 def sample_paths(dataset: Any) -> list[str]:
-    """Image and mask paths of an anomalib dataset (its ``samples`` table); empty for other datasets."""
+    """Image and mask paths that an anomalib dataset will read (its ``samples`` table); empty for other datasets.
+
+    anomalib reads a mask only for an anomalous image of a segmentation data set, so other rows' mask
+    paths are left out: BTAD's table, say, names a mask for every normal training image, and none exists.
+    """
     samples = getattr(dataset, "samples", None)
     if samples is None or "image_path" not in samples:
         return []
     paths = [str(p) for p in samples["image_path"]]
-    if "mask_path" in samples:
-        paths += [str(p) for p in samples["mask_path"] if isinstance(p, str | Path) and str(p)]
+    if "mask_path" in samples and getattr(dataset, "task", TaskType.SEGMENTATION) == TaskType.SEGMENTATION:
+        abnormal = samples["label_index"] == LabelName.ABNORMAL
+        paths += [str(p) for p in samples.loc[abnormal, "mask_path"] if isinstance(p, str | Path) and str(p)]
     return paths
 
 

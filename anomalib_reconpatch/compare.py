@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -85,20 +85,58 @@ def load_datamodule_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def build_datamodule(config: dict[str, Any], seed: int) -> Any:
-    """Instantiate the datamodule class named by ``class_path`` (short anomalib names work too)."""
+def datamodule_class(class_path: str) -> type:
+    """The anomalib datamodule class that ``class_path`` names (short anomalib names work too)."""
     from anomalib.data import AnomalibDataModule
 
-    class_path = config["class_path"]
     module_name, _, class_name = class_path.rpartition(".")
-    module = importlib.import_module(module_name or "anomalib.data")
-    datamodule_class = getattr(module, class_name, None)
-    if not (isinstance(datamodule_class, type) and issubclass(datamodule_class, AnomalibDataModule)):
+    found = getattr(importlib.import_module(module_name or "anomalib.data"), class_name, None)
+    if not (isinstance(found, type) and issubclass(found, AnomalibDataModule)):
         msg = f"class_path '{class_path}' is not an anomalib datamodule (for example anomalib.data.MVTecAD or Folder)."
         raise ValueError(msg)
+    return found
+
+
+def several_categories(category: Any) -> bool:
+    """``init_args.category`` names several categories: a list, or ``all``."""
+    return isinstance(category, list) or category == "all"
+
+
+def build_datamodule(config: dict[str, Any], seed: int) -> Any:
+    """Instantiate the datamodule of a stock-CLI data config, for one category."""
+    cls = datamodule_class(config["class_path"])
     init_args = dict(config.get("init_args") or {})
+    if several_categories(init_args.get("category")):
+        msg = (
+            f"init_args.category {init_args['category']!r} names several categories; this command takes one "
+            "(`reconpatch compare` runs each of a list, or all)."
+        )
+        raise ValueError(msg)
     init_args.setdefault("seed", seed)
-    return datamodule_class(**init_args)
+    return cls(**init_args)
+
+
+def split_categories(config: dict[str, Any], data: Path) -> dict[str, dict[str, Any]] | None:
+    """One data config per category when ``init_args.category`` is a list or ``all``; None for a single one.
+
+    ``all`` means the data set's own category list (``CATEGORIES`` of its anomalib dataset module), so
+    MVTec AD gives its 15 categories whether or not they are all on disk yet.
+    """
+    init_args = config.get("init_args") or {}
+    category = init_args.get("category")
+    if not several_categories(category):
+        return None
+    if category == "all":
+        cls = datamodule_class(config["class_path"])
+        dataset_module = importlib.import_module(cls.__module__.replace(".datamodules.", ".datasets."))
+        category = list(getattr(dataset_module, "CATEGORIES", []))
+        if not category:
+            msg = f"{data}: {cls.__name__} has no known category list for 'category: all'; list them instead."
+            raise ValueError(msg)
+    if not category or len(set(category)) != len(category) or not all(isinstance(c, str) and c for c in category):
+        msg = f"{data}: init_args.category {category!r} should list different category names, e.g. [bottle, cable]."
+        raise ValueError(msg)
+    return {name: {**config, "init_args": {**init_args, "category": name}} for name in category}
 
 
 def make_evaluator() -> Any:
@@ -430,9 +468,9 @@ def markdown_table(models: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def mean_over_seeds(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
-    """Each model's numbers averaged over the seeds; values that are not floats (bank shape) come from the first."""
-    runs = list(per_seed.values())
+def mean_over_runs(per_run: dict[Any, dict[str, dict]]) -> dict[str, dict]:
+    """Each model's numbers averaged over seeds or categories; non-float values (bank shape) come from the first."""
+    runs = list(per_run.values())
     means = {}
     for name, first in runs[0].items():
         means[name] = {
@@ -557,15 +595,82 @@ def plot_heatmaps(recorders: dict[str, TestRecorder], path: Path) -> None:
     plt.close(fig)
 
 
+def settings_record(settings: CompareSettings, data_config: dict[str, Any]) -> dict[str, Any]:
+    """The settings as report.json holds them: paths as text, and the data config that was read."""
+    return {**asdict(settings), "data": str(settings.data), "out": str(settings.out), "data_config": data_config}
+
+
+CATEGORY_COLUMNS = ("image_AUROC", "pixel_AUROC", "pixel_PRO", "fit_s", "latency_ms")
+
+
+def category_table(per_category: dict[str, dict[str, dict]]) -> str:
+    """One row per category (linked to its own report), each cell every model's value in order."""
+    names = list(next(iter(per_category.values())))
+    head = "| category | " + " | ".join(f"{key} ({' / '.join(names)})" for key in CATEGORY_COLUMNS) + " |"
+    rows = [head, "|---" * (len(CATEGORY_COLUMNS) + 1) + "|"]
+    for category, models in per_category.items():
+        cells = [" / ".join(f"{models[name][key]:.3f}" for name in names) for key in CATEGORY_COLUMNS]
+        rows.append(f"| [{category}]({category}/report.md) | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def write_category_summary(
+    settings: CompareSettings, data_config: dict[str, Any], results: dict[str, dict], log: Callable[[str], None]
+) -> dict:
+    """``report.json`` and ``report.md`` over the categories: the means over them, and each category's numbers."""
+    per_category = {category: result["report"]["models"] for category, result in results.items()}
+    means = {
+        name: {key: value for key, value in model.items() if isinstance(value, float)}
+        for name, model in mean_over_runs(per_category).items()
+    }
+    report = {
+        "models": means,
+        "per_category": per_category,
+        "settings": settings_record(settings, data_config),
+        "versions": versions(),
+    }
+    (settings.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    table = markdown_table(means)
+    text = (
+        f"# ReConPatch vs PatchCore on {settings.data}, {len(per_category)} categories\n\n"
+        f"Each number is the mean over the categories (seeds {', '.join(map(str, settings.seeds))}); every "
+        "category's own report, with its figures, is in its folder.\n\n"
+        f"{table}\n\nPer category:\n\n{category_table(per_category)}\n"
+    )
+    (settings.out / "report.md").write_text(text)
+    log(f"\nMean over {len(per_category)} categories:\n{table}")
+    log(f"\nReport: {settings.out / 'report.md'} (one folder per category)")
+    return report
+
+
 def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> dict:
-    """Run every model, write report.json, report.md, roc.png and heatmaps.png into ``settings.out``."""
+    """Run every model, write report.json, report.md, roc.png and heatmaps.png into ``settings.out``.
+
+    With several categories (``init_args.category`` a list or ``all``) each category gets those files
+    in ``settings.out/CATEGORY``, and ``settings.out`` gets the summary over the categories.
+    """
     data_config = load_datamodule_config(settings.data)
     image_shape(settings.image_size)  # a bad size fails here, not after the first model's fit
     if not settings.seeds or len(set(settings.seeds)) != len(settings.seeds):
         msg = f"--seed {' '.join(map(str, settings.seeds))}: give one or more different seeds (e.g. --seed 0 1 2)."
         raise ValueError(msg)
-    build_datamodule(data_config, settings.seeds[0])  # bad data or model settings fail here, before any run
+    categories = split_categories(data_config, settings.data)
+    for config in (categories or {"": data_config}).values():
+        build_datamodule(config, settings.seeds[0])  # bad data or model settings fail here, before any run
     fresh = {name: build_model(name, settings) for name in settings.models}  # take the fitted states for latency
+    if categories is None:
+        return compare_data(settings, data_config, fresh, log)
+    results = {}
+    for category, config in categories.items():
+        log(f"[{category}] category {len(results) + 1} of {len(categories)}")
+        results[category] = compare_data(replace(settings, out=settings.out / category), config, fresh, log)
+    return {"report": write_category_summary(settings, data_config, results, log), "categories": results}
+
+
+def compare_data(
+    settings: CompareSettings, data_config: dict[str, Any], fresh: dict[str, Any], log: Callable[[str], None]
+) -> dict:
+    """:func:`compare` on one datamodule; ``fresh`` holds one unfitted model per name, to time latency with."""
     settings.out.mkdir(parents=True, exist_ok=True)
     first, *more = settings.seeds
     per_seed: dict[int, dict[str, dict]] = {}
@@ -586,8 +691,8 @@ def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> di
     latencies = interleaved_medians(timers)
     for name, latency in latencies.items():
         log(f"[{name}] " + ", ".join(f"{k} {v:.1f}" for k, v in latency.items()))
-    del timers, fresh
-    models = mean_over_seeds(per_seed)
+    del timers
+    models = mean_over_runs(per_seed)
     for name, latency in latencies.items():
         models[name].update(latency)
     spread = spread_over_seeds(per_seed) if more else None
@@ -595,12 +700,7 @@ def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> di
         "models": models,
         "per_seed": per_seed,
         "spread": spread,
-        "settings": {
-            **asdict(settings),
-            "data": str(settings.data),
-            "out": str(settings.out),
-            "data_config": data_config,
-        },
+        "settings": settings_record(settings, data_config),
         "versions": versions(),
     }
     (settings.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
@@ -608,7 +708,8 @@ def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> di
     plot_roc(recorders, settings.out / "roc.png")
     plot_heatmaps(recorders, settings.out / "heatmaps.png")
     table = markdown_table(models)
-    title = f"# ReConPatch vs PatchCore on {settings.data}\n\n"
+    category = (data_config.get("init_args") or {}).get("category")
+    title = f"# ReConPatch vs PatchCore on {settings.data}{f' ({category})' if category else ''}\n\n"
     seeds_text = f"seed {first}"
     if more:
         seeds_text = (
