@@ -9,7 +9,8 @@ published numbers come from ``reconpatch compare``; this script only finds where
 
 A ``seed=N`` item (default 0) seeds that setting's run, to see the spread over seeds; a
 ``coreset=SPACE`` item chooses where the bank is selected (``select_bank``); ``num_steps=0,scale_top=X``
-scales the 10 strongest principal directions by X instead of training. Each line
+scales the 10 strongest principal directions by X instead of training; ``init=default`` starts ``f`` from
+PyTorch's default (random) initialisation instead of the identity. Each line
 ends with the range of the trained ``f``'s singular values (1-1 is the untrained identity) and its
 gain along the training features' strongest and weakest principal directions.
 """
@@ -106,10 +107,13 @@ def main() -> None:
         torch.manual_seed(setting.pop("seed", 0))
         coreset_space = setting.pop("coreset", "features")
         top_factor = setting.pop("scale_top", None)
+        random_init = setting.pop("init", "identity") == "default"
         model = ReConPatch(
             backbone=args.backbone, layers=args.layers, coreset_sampling_ratio=args.coreset_ratio, **setting
         )
         model.model.feature_extractor = base.model.feature_extractor
+        if random_init:
+            model.model.representation.reset_parameters()
         start = time.perf_counter()
         with torch.enable_grad():
             model.train_representation(train_flat)
