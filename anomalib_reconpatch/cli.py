@@ -99,7 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo_data)
 
     cmp = commands.add_parser("compare", help="train and test ReConPatch and PatchCore on the same data; one report")
-    cmp.add_argument("--data", required=True, help="datamodule YAML (class_path + init_args), e.g. configs/data/*.yaml")
+    cmp.add_argument(
+        "--data",
+        required=True,
+        help="datamodule YAML (class_path + init_args), e.g. configs/data/*.yaml; category: one, a list or all",
+    )
     cmp.add_argument("--models", nargs="+", default=["ReConPatch", "Patchcore"])
     cmp.add_argument("--backbone", default="tf_efficientnet_lite0")
     cmp.add_argument("--layers", nargs="+", default=["blocks.2", "blocks.4"])
