@@ -16,19 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from anomalib import TaskType
 from anomalib.data.utils import LabelName
 
+from .images import SIXTEEN_BIT_MODES, UnreadableImageError, image_problem, read_image
+
 logger = logging.getLogger(__name__)
 
-SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 MAX_LISTED = 10
-
-
-class UnreadableImageError(ValueError):
-    """Some data files cannot be decoded as images; the message lists them and what to do."""
 
 
 @dataclass
@@ -38,25 +34,6 @@ class ImageScan:
     bad: list[tuple[str, str]] = field(default_factory=list)
     sixteen_bit: set[str] = field(default_factory=set)
     first_size: tuple[int, int] | None = None
-
-
-def image_problem(path: str | Path) -> tuple[str | None, str | None, tuple[int, int] | None]:
-    """Decode ``path`` fully; return (problem or None, PIL mode, (height, width))."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        return "the file does not exist", None, None
-    if path.stat().st_size == 0:
-        return "the file is empty (0 bytes)", None, None
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return None, image.mode, (image.height, image.width)
-    except UnidentifiedImageError:
-        return "not an image file (unknown format despite its extension)", None, None
-    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for truncated or corrupt data
-        return f"corrupt or truncated image ({error})", None, None
 
 
 def scan_images(paths: Iterable[str | Path]) -> ImageScan:
@@ -88,17 +65,6 @@ def raise_if_unreadable(scan: ImageScan, what: str) -> None:
         f"(or move them out of the data folder) and run again:\n{listed}{more}"
     )
     raise UnreadableImageError(msg)
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """``H x W x 3`` float32 in [0, 1]: anomalib's conversion, except 16-bit grayscale is scaled, not clipped."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        if image.mode in SIXTEEN_BIT_MODES:
-            gray = np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
-            return np.repeat(gray[..., None], 3, axis=2)
-        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 
 class SixteenBitScaled(torch.utils.data.Dataset):

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import anomalib.models as anomalib_models
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch
@@ -369,3 +370,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
     def _post_training_quantization_ov(self, model: Any, datamodule: Any = None) -> Any:
         """INT8_PTQ hook of anomalib's ExportMixin: quantize only the bank search, calibrated on training images."""
         return quantize_on_training_images(model, datamodule)
+
+
+# ``anomalib benchmark`` resolves a bare ``class_path: ReConPatch`` as an attribute of anomalib.models.
+anomalib_models.ReConPatch = ReConPatch

@@ -102,11 +102,11 @@ def check_output_outside(source: Path, out: Path) -> None:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """``1 x 3 x H x W`` float32 in [0, 1], as training read it (see :func:`checks.read_image`).
+    """``1 x 3 x H x W`` float32 in [0, 1], as training read it (see :func:`images.read_image`).
 
-    Raises :class:`checks.UnreadableImageError` naming the file for a truncated, empty or non-image file.
+    Raises :class:`images.UnreadableImageError` naming the file for a truncated, empty or non-image file.
     """
-    from .checks import UnreadableImageError, image_problem, read_image
+    from .images import UnreadableImageError, image_problem, read_image
 
     try:
         image = read_image(path)
@@ -139,7 +139,7 @@ def predict(
     """Score every image of ``source`` with the exported model; write overlays and ``scores.csv`` to ``out``."""
     from PIL import Image
 
-    from .checks import UnreadableImageError
+    from .images import UnreadableImageError
 
     check_output_outside(source, out)
     compiled = load_compiled_model(model_path, device, precision)

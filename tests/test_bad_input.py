@@ -17,7 +17,7 @@ from lightning.pytorch import Callback
 from PIL import Image
 
 from anomalib_reconpatch import ReConPatch
-from anomalib_reconpatch.checks import UnreadableImageError, read_image
+from anomalib_reconpatch.images import UnreadableImageError, read_image
 from anomalib_reconpatch.predict import predict
 
 from .conftest import BACKBONE, LAYERS

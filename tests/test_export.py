@@ -171,6 +171,24 @@ def test_predict_writes_overlays_and_csv_and_leaves_input_alone(
     assert snapshot(demo_root) == before
 
 
+def test_predict_runs_without_torch_or_anomalib(exported: tuple, demo_root: Path, tmp_path: Path) -> None:
+    """On a line PC, predict needs only OpenVINO, numpy and PIL: importing torch and anomalib costs about 1 GB."""
+    import subprocess
+    import sys
+
+    _, xml, _ = exported
+    argv = ["predict", "--model", str(xml), "--input", str(demo_root / "grass" / "test"), "--out", str(tmp_path)]
+    code = (
+        "import sys; from anomalib_reconpatch.cli import main; code = main(sys.argv[1:]); "
+        "print(sorted(name for name in ('torch', 'anomalib', 'lightning') if name in sys.modules)); sys.exit(code)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    images = list(demo_root.glob("grass/test/*/*.png"))
+    assert len((tmp_path / "scores.csv").read_text().splitlines()) == 1 + len(images)
+
+
 def test_predict_rejects_bad_models_and_outputs(exported: tuple, demo_root: Path, tmp_path: Path) -> None:
     from anomalib_reconpatch.predict import predict
 
