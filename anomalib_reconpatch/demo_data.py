@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 TEXTURES = ("brick", "grass", "gravel")
@@ -51,6 +50,7 @@ def random_crop(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.nd
 
 def blob_mask(size: int, rng: np.random.Generator, coverage: tuple[float, float] = (0.03, 0.12)) -> np.ndarray:
     """A compact irregular region: thresholded Perlin noise inside a random ellipse."""
+    import torch  # here, not at the top: the CLI reads TEXTURES, and `reconpatch predict` needs no torch
     from anomalib.data.utils.generators.perlin import generate_perlin_noise
 
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)

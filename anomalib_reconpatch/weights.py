@@ -14,8 +14,10 @@ import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 LITE_VARIANTS = (0, 1, 2)
 
@@ -84,6 +86,7 @@ def remap_lukemelas_to_timm(state_dict: dict[str, torch.Tensor], stage_depths: l
 def timm_lite_state_dict(variant: int) -> dict[str, torch.Tensor]:
     """Load one shipped EfficientNet-Lite checkpoint and return it strictly checked in timm's layout."""
     import timm
+    import torch  # here, not at the top: the CLI reads LITE_VARIANTS, and `reconpatch predict` needs no torch
 
     model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
     source = torch.load(lite_source_file(variant), map_location="cpu", weights_only=True)
