@@ -133,7 +133,8 @@ def split_categories(config: dict[str, Any], data: Path) -> dict[str, dict[str, 
         if not category:
             msg = f"{data}: {cls.__name__} has no known category list for 'category: all'; list them instead."
             raise ValueError(msg)
-    if not category or len(set(category)) != len(category) or not all(isinstance(c, str) and c for c in category):
+    named = all(isinstance(c, str) and c not in {".", ".."} and Path(c).name == c for c in category)
+    if not category or len(set(category)) != len(category) or not named:  # each name is a folder under --out
         msg = f"{data}: init_args.category {category!r} should list different category names, e.g. [bottle, cable]."
         raise ValueError(msg)
     return {name: {**config, "init_args": {**init_args, "category": name}} for name in category}

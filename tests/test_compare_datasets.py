@@ -79,6 +79,7 @@ def test_every_shipped_data_config_builds_its_datamodules(path: Path) -> None:
         ("anomalib.data.Folder", "all", "Folder has no known category list for 'category: all'"),
         ("anomalib.data.MVTecAD", ["bottle", "bottle"], "should list different category names"),
         ("anomalib.data.MVTecAD", [], "should list different category names"),
+        ("anomalib.data.MVTecAD", ["bottle", "../cable"], "should list different category names"),
     ],
 )
 def test_a_bad_category_list_is_refused_before_any_fit(
