@@ -15,15 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from anomalib_reconpatch.predict import compile_options
-
-# The timed processes get the options as text and import nothing of ours: the package imports torch
-# and anomalib, whose memory a deployed OpenVINO model does not need and peak_rss_mb must not count.
-F32_OPTIONS = json.dumps(compile_options("f32"))
-
 _INTERLEAVED = """
 import json, statistics, sys, time, numpy as np, openvino as ov
-irs, images, repeats, F32 = json.loads(sys.argv[1]), np.load(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+from anomalib_reconpatch.predict import compile_options
+F32 = compile_options()
+irs, images, repeats = json.loads(sys.argv[1]), np.load(sys.argv[2]), int(sys.argv[3])
 core = ov.Core()
 compiled = {name: (core.compile_model(xml, "CPU", F32), batch) for name, (xml, batch) in irs.items()}
 for model, batch in compiled.values():
@@ -39,8 +35,10 @@ print(json.dumps({name: statistics.median(t) for name, t in times.items()}))
 """
 
 _PEAK_RSS = """
-import json, sys, numpy as np, openvino as ov
-images, batch, F32 = np.load(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+import sys, numpy as np, openvino as ov
+from anomalib_reconpatch.predict import compile_options  # imports neither torch nor anomalib (a test checks)
+F32 = compile_options()
+images, batch = np.load(sys.argv[2]), int(sys.argv[3])
 compiled = ov.Core().compile_model(sys.argv[1], "CPU", F32)
 for start in range(0, 3 * batch, batch):
     compiled(images[start:start + batch])
@@ -51,14 +49,14 @@ print(int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
 def interleaved_ms(irs: dict[str, tuple[Path, int]], images: Path, repeats: int) -> dict[str, float]:
     """Median ms per image of each ``name -> (xml, batch)``, all compiled in one fresh process and run in turn."""
     spec = json.dumps({name: (str(xml), batch) for name, (xml, batch) in irs.items()})
-    command = [sys.executable, "-c", _INTERLEAVED, spec, str(images), str(repeats), F32_OPTIONS]
+    command = [sys.executable, "-c", _INTERLEAVED, spec, str(images), str(repeats)]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def peak_rss_mb(xml: Path, images: Path, batch: int) -> float:
     """Peak resident memory (VmHWM) of a fresh process that compiles ``xml`` and runs it three times."""
-    command = [sys.executable, "-c", _PEAK_RSS, str(xml), str(images), str(batch), F32_OPTIONS]
+    command = [sys.executable, "-c", _PEAK_RSS, str(xml), str(images), str(batch)]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])
 

@@ -104,6 +104,7 @@ def test_int8_ptq_through_the_stock_cli_calibrates_on_training_images_and_keeps_
     np.save(tmp_path / "images.npy", images.numpy())
     scorer = (
         "import json, sys, numpy as np, openvino as ov\n"
+        "from anomalib_reconpatch.predict import compile_options\n"
         "images = np.load(sys.argv[1])\n"
         "graph = ov.Core().read_model(sys.argv[3])\n"
         "out = {'ops': sorted({op.get_type_name() for op in graph.get_ops()})}\n"
@@ -113,7 +114,7 @@ def test_int8_ptq_through_the_stock_cli_calibrates_on_training_images_and_keeps_
         "out['fed'] = sorted({t.get_node().get_type_name() for op in graph.get_ops()\n"
         "    if op.get_type_name() == 'FakeQuantize' for o in op.outputs() for t in o.get_target_inputs()})\n"
         "for name, xml in (('fp32', sys.argv[2]), ('int8', sys.argv[3])):\n"
-        "    compiled = ov.Core().compile_model(xml, 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})\n"
+        "    compiled = ov.Core().compile_model(xml, 'CPU', compile_options())\n"
         "    out[name] = [float(compiled(i[None])[compiled.output('pred_score')][0]) for i in images]\n"
         "print(json.dumps(out))\n"
     )  # compiling the INT8 IR in the test process made a later torch training segfault
