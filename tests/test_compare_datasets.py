@@ -28,30 +28,21 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
 DEFECT = "patch"  # the demo defect type copied into the single-defect layouts
 
 
-def copy_images(source: Path, target: Path, rename: str = "{stem}.png") -> None:
-    """Copy every PNG of ``source`` into ``target``, renamed by ``rename`` (``{stem}`` is the file's stem)."""
-    target.mkdir(parents=True, exist_ok=True)
-    for path in sorted(source.glob("*.png")):
-        name = rename.format(stem=path.stem.removesuffix("_mask"))
-        shutil.copyfile(path, target / name)
+def copy_layout(source: Path, target: Path, normal: str, defect: str) -> None:
+    """The demo category ``source`` as ``target/{train/NORMAL, test/NORMAL, test/DEFECT, ground_truth/DEFECT}``.
 
-
-def visa_layout(demo_root: Path, root: Path, category: str) -> None:
-    """anomalib's split VisA layout: ``visa_pytorch/CATEGORY/{train/good, test/good, test/bad, ground_truth/bad}``."""
-    source, target = demo_root / category, root / "visa_pytorch" / category
-    copy_images(source / "train" / "good", target / "train" / "good")
-    copy_images(source / "test" / "good", target / "test" / "good")
-    copy_images(source / "test" / DEFECT, target / "test" / "bad")
-    copy_images(source / "ground_truth" / DEFECT, target / "ground_truth" / "bad")
-
-
-def btad_layout(demo_root: Path, root: Path, category: str) -> None:
-    """The BTAD layout anomalib's BTech reads: ``CATEGORY/{train/ok, test/ok, test/ko, ground_truth/ko}``."""
-    source, target = demo_root / "grass", root / category
-    copy_images(source / "train" / "good", target / "train" / "ok")
-    copy_images(source / "test" / "good", target / "test" / "ok")
-    copy_images(source / "test" / DEFECT, target / "test" / "ko")
-    copy_images(source / "ground_truth" / DEFECT, target / "ground_truth" / "ko")
+    VisA's split uses ``good``/``bad`` and BTAD ``ok``/``ko``; masks take their image's name (BTAD needs it).
+    """
+    folders = {
+        ("train", "good"): ("train", normal),
+        ("test", "good"): ("test", normal),
+        ("test", DEFECT): ("test", defect),
+        ("ground_truth", DEFECT): ("ground_truth", defect),
+    }
+    for (split, label), (new_split, new_label) in folders.items():
+        (target / new_split / new_label).mkdir(parents=True)
+        for path in sorted((source / split / label).glob("*.png")):
+            shutil.copyfile(path, target / new_split / new_label / f"{path.stem.removesuffix('_mask')}.png")
 
 
 def write_config(path: Path, class_path: str, **init_args: object) -> Path:
@@ -97,7 +88,7 @@ def test_compare_runs_each_listed_visa_category_and_averages_them(
 ) -> None:
     root = tmp_path / "visa"
     for category in ("grass", "brick"):
-        visa_layout(demo_root, root, category)
+        copy_layout(demo_root / category, root / "visa_pytorch" / category, "good", "bad")
     data = write_config(tmp_path / "visa.yaml", "anomalib.data.Visa", root=str(root), category=["grass", "brick"])
     settings = CompareSettings(data=data, out=tmp_path / "out", **SMALL)
     result = compare(settings, log=lambda _: None)
@@ -127,7 +118,7 @@ def test_compare_runs_each_listed_visa_category_and_averages_them(
 
 
 def test_compare_reads_a_btad_category(demo_root: Path, lite_weights: None, tmp_path: Path) -> None:
-    btad_layout(demo_root, tmp_path / "btad", "01")
+    copy_layout(demo_root / "grass", tmp_path / "btad" / "01", "ok", "ko")
     data = write_config(tmp_path / "btad.yaml", "anomalib.data.BTech", root=str(tmp_path / "btad"), category="01")
     settings = CompareSettings(data=data, out=tmp_path / "out", models=["ReConPatch"], **SMALL)
     result = compare(settings, log=lambda _: None)
