@@ -1,4 +1,12 @@
-"""ReConPatch for anomalib: contrastive patch representations for industrial anomaly detection."""
+"""ReConPatch for anomalib: contrastive patch representations for industrial anomaly detection.
+
+- ``anomalib_reconpatch.reconpatch``: the model, shaped like one of anomalib's ``models/image/`` folders.
+- ``anomalib_reconpatch.components``: reusable pieces the model builds on (backbone, coreset, spill, ...).
+- ``anomalib_reconpatch.tools``: the ``reconpatch`` command; the model never imports it.
+
+``ReConPatch`` and ``ReConPatchModel`` are imported on first use, so ``reconpatch predict`` runs on
+OpenVINO without torch or anomalib.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +19,11 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     """Import the model on first use, so ``reconpatch predict`` runs on OpenVINO without torch and anomalib."""
     if name == "ReConPatch":
-        from .lightning_model import ReConPatch
+        from .reconpatch.lightning_model import ReConPatch
 
         return ReConPatch
     if name == "ReConPatchModel":
-        from .torch_model import ReConPatchModel
+        from .reconpatch.torch_model import ReConPatchModel
 
         return ReConPatchModel
     msg = f"module 'anomalib_reconpatch' has no attribute '{name}'"

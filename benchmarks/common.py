@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import torch
 
 from anomalib_reconpatch import ReConPatch
-from anomalib_reconpatch.compare import build_datamodule, image_shape, load_datamodule_config
+from anomalib_reconpatch.tools.compare import build_datamodule, image_shape, load_datamodule_config
 
 
 def data_parser(description: str | None) -> argparse.ArgumentParser:
@@ -57,7 +57,7 @@ def patchcore_bank(train_patches: torch.Tensor, ratio: float) -> torch.Tensor:
     depends only on the bank's size: anomalib's ``KCenterGreedy`` would take about 45 minutes at
     ratio 0.1 on bottle here.
     """
-    from anomalib_reconpatch.coreset import FastKCenterGreedy
+    from anomalib_reconpatch.components.coreset import FastKCenterGreedy
 
     return FastKCenterGreedy(train_patches, ratio).sample_coreset()
 

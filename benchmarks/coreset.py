@@ -21,8 +21,8 @@ from anomalib.models.components import KCenterGreedy
 from anomalib.models.components.dimensionality_reduction import SparseRandomProjection
 from common import cache, data_parser, flat_patches, load_data
 
-from anomalib_reconpatch.coreset import greedy_k_center
-from anomalib_reconpatch.torch_model import nearest_bank_rows
+from anomalib_reconpatch.components.coreset import greedy_k_center
+from anomalib_reconpatch.reconpatch.search import nearest_bank_rows
 
 
 def coverage_radius(features: torch.Tensor, selected: torch.Tensor) -> float:
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--stock-steps", type=int, default=300)
     args = parser.parse_args()
     logging.basicConfig(format="%(message)s")
-    logging.getLogger("anomalib_reconpatch.coreset").setLevel(logging.INFO)
+    logging.getLogger("anomalib_reconpatch.components.coreset").setLevel(logging.INFO)
     datamodule, model = load_data(args)
     features = flat_patches(cache(model, datamodule.train_dataloader(), test=False)["features"])
     n_select = int(len(features) * args.ratio)

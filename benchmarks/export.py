@@ -29,7 +29,7 @@ from common import cache, data_parser, evaluate, flat_patches, load_data, load_t
 from ir_timing import interleaved_ms, peak_rss_mb
 from torch import nn
 
-from anomalib_reconpatch.predict import compile_options
+from anomalib_reconpatch.tools.predict import compile_options
 
 
 class PatchFeaturesOnly(nn.Module):

@@ -30,8 +30,8 @@ def child(args: argparse.Namespace) -> None:
     from lightning.pytorch import seed_everything
 
     from anomalib_reconpatch import ReConPatch
-    from anomalib_reconpatch.compare import build_datamodule, load_datamodule_config, peak_rss
-    from anomalib_reconpatch.memory import fix_mmap_threshold
+    from anomalib_reconpatch.tools.compare import build_datamodule, load_datamodule_config
+    from anomalib_reconpatch.tools.memory import fix_mmap_threshold, peak_rss
 
     fix_mmap_threshold()  # as reconpatch compare does
     budget = None if args.child_budget == "none" else int(args.child_budget)

@@ -26,11 +26,10 @@ from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 from common import cache, data_parser, evaluate, flat_patches, load_data, patchcore_bank, score
 
 from anomalib_reconpatch import ReConPatch
-from anomalib_reconpatch.compare import latency_images
-from anomalib_reconpatch.coreset import FastKCenterGreedy
-from anomalib_reconpatch.latency import interleaved_medians, split_latency_ms
-from anomalib_reconpatch.search import build_index, search_index
-from anomalib_reconpatch.torch_model import nearest_bank_rows
+from anomalib_reconpatch.components.coreset import FastKCenterGreedy
+from anomalib_reconpatch.reconpatch.search import build_index, nearest_bank_rows, search_index
+from anomalib_reconpatch.tools.compare import latency_images
+from anomalib_reconpatch.tools.latency import interleaved_medians, split_latency_ms
 
 OPTIONS = ("exact", "flat", "hnsw", "ivf")
 

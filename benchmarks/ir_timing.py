@@ -17,7 +17,7 @@ from pathlib import Path
 
 _INTERLEAVED = """
 import json, statistics, sys, time, numpy as np, openvino as ov
-from anomalib_reconpatch.predict import compile_options
+from anomalib_reconpatch.tools.predict import compile_options
 F32 = compile_options()
 irs, images, repeats = json.loads(sys.argv[1]), np.load(sys.argv[2]), int(sys.argv[3])
 core = ov.Core()
@@ -36,7 +36,7 @@ print(json.dumps({name: statistics.median(t) for name, t in times.items()}))
 
 _PEAK_RSS = """
 import sys, numpy as np, openvino as ov
-from anomalib_reconpatch.predict import compile_options  # imports neither torch nor anomalib (a test checks)
+from anomalib_reconpatch.tools.predict import compile_options  # imports neither torch nor anomalib (a test checks)
 F32 = compile_options()
 images, batch = np.load(sys.argv[2]), int(sys.argv[3])
 compiled = ov.Core().compile_model(sys.argv[1], "CPU", F32)

@@ -31,8 +31,8 @@ def build_model(work: Path, image_size: int) -> Path:
     from anomalib.engine import Engine
 
     from anomalib_reconpatch import ReConPatch
-    from anomalib_reconpatch.demo_data import DemoConfig, write_demo_dataset
-    from anomalib_reconpatch.weights import write_lite_weights
+    from anomalib_reconpatch.tools.demo_data import DemoConfig, write_demo_dataset
+    from anomalib_reconpatch.tools.weights import write_lite_weights
 
     write_lite_weights(0)
     write_demo_dataset(work / "demo", ("grass",), DemoConfig(image_size=image_size))
@@ -55,7 +55,7 @@ def write_images(sources: list[Path], folder: Path, count: int) -> None:
 # ``reconpatch predict`` that prints its own peak resident memory (VmHWM) when it exits.
 _PREDICT = """
 import atexit, sys
-from anomalib_reconpatch.cli import main
+from anomalib_reconpatch.tools.cli import main
 status = open("/proc/self/status").read
 atexit.register(lambda: print("VmHWM MB", int(status().split("VmHWM:")[1].split()[0]) / 1024, flush=True))
 sys.exit(main(sys.argv[1:]))
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         model = args.model or build_model(work, args.image_size)
         demo = work / "demo"
         if not demo.is_dir():
-            from anomalib_reconpatch.demo_data import DemoConfig, write_demo_dataset
+            from anomalib_reconpatch.tools.demo_data import DemoConfig, write_demo_dataset
 
             write_demo_dataset(demo, ("grass",), DemoConfig(image_size=args.image_size))
         sources = sorted((demo / "grass" / "test").rglob("*.png"))

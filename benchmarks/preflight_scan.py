@@ -12,8 +12,8 @@ import argparse
 import time
 from pathlib import Path
 
-from anomalib_reconpatch.checks import STAGE_SPLITS, check_datamodule, sample_paths
-from anomalib_reconpatch.compare import build_datamodule, load_datamodule_config
+from anomalib_reconpatch.components.preflight import STAGE_SPLITS, check_datamodule, sample_paths
+from anomalib_reconpatch.tools.compare import build_datamodule, load_datamodule_config
 
 
 def main(argv: list[str] | None = None) -> int:

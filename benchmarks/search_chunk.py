@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from anomalib_reconpatch.torch_model import nearest_bank_distances, nearest_rows
+from anomalib_reconpatch.reconpatch.search import nearest_bank_distances, nearest_rows
 
 
 def main() -> None:

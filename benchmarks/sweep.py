@@ -26,7 +26,7 @@ from anomalib.models.components.dimensionality_reduction import SparseRandomProj
 from common import cache, data_parser, evaluate, flat_patches, load_data, score
 
 from anomalib_reconpatch import ReConPatch
-from anomalib_reconpatch.coreset import FastKCenterGreedy, greedy_k_center
+from anomalib_reconpatch.components.coreset import FastKCenterGreedy, greedy_k_center
 
 
 def parse_setting(text: str) -> dict:

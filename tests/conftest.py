@@ -17,7 +17,7 @@ LAYERS = ["blocks.2", "blocks.4"]
 @pytest.fixture(scope="session")
 def lite_weights() -> None:
     """Install the offline EfficientNet-Lite0 weights (idempotent) so backbones load with real weights."""
-    from anomalib_reconpatch.weights import write_lite_weights
+    from anomalib_reconpatch.tools.weights import write_lite_weights
 
     write_lite_weights(0)
 
@@ -25,7 +25,7 @@ def lite_weights() -> None:
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo data set (brick, grass), written once per session."""
-    from anomalib_reconpatch.demo_data import write_demo_dataset
+    from anomalib_reconpatch.tools.demo_data import write_demo_dataset
 
     root = tmp_path_factory.mktemp("demo")
     write_demo_dataset(root, ("brick", "grass"))

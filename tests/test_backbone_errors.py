@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from anomalib_reconpatch.backbone import BackboneError, build_feature_extractor
+from anomalib_reconpatch.components.backbone import BackboneError, build_feature_extractor
 
 MISSING = """
 from anomalib_reconpatch import ReConPatch

@@ -17,8 +17,8 @@ from lightning.pytorch import Callback
 from PIL import Image
 
 from anomalib_reconpatch import ReConPatch
-from anomalib_reconpatch.images import UnreadableImageError, read_image
-from anomalib_reconpatch.predict import predict
+from anomalib_reconpatch.components.images import UnreadableImageError, read_image
+from anomalib_reconpatch.tools.predict import predict
 
 from .conftest import BACKBONE, LAYERS
 
@@ -296,7 +296,7 @@ def test_checkpoint_from_another_architecture_is_refused(reference: dict, overri
 
 
 def test_checkpoint_without_architecture_record_is_checked_by_its_hyperparameters(reference: dict) -> None:
-    from anomalib_reconpatch.checks import ARCHITECTURE_KEY, check_checkpoint_matches
+    from anomalib_reconpatch.reconpatch.validation import ARCHITECTURE_KEY, check_checkpoint_matches
 
     stored = torch.load(reference["ckpt"], map_location="cpu", weights_only=False)
     assert stored.pop(ARCHITECTURE_KEY)["feature_dim"] == 152

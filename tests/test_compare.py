@@ -17,8 +17,8 @@ import torch
 import yaml
 from torch import nn
 
-from anomalib_reconpatch.cli import main
-from anomalib_reconpatch.compare import (
+from anomalib_reconpatch.tools.cli import main
+from anomalib_reconpatch.tools.compare import (
     METRIC_KEYS,
     TIMING_KEYS,
     CompareSettings,
@@ -27,8 +27,8 @@ from anomalib_reconpatch.compare import (
     heatmap_figure,
     latency_images,
 )
-from anomalib_reconpatch.compare import TestRecorder as Recorder
-from anomalib_reconpatch.latency import interleaved_medians, split_latency_ms
+from anomalib_reconpatch.tools.compare import TestRecorder as Recorder
+from anomalib_reconpatch.tools.latency import interleaved_medians, split_latency_ms
 
 BIN = Path(sys.executable).parent
 

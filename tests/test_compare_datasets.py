@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from anomalib_reconpatch.cli import main
-from anomalib_reconpatch.compare import (
+from anomalib_reconpatch.tools.cli import main
+from anomalib_reconpatch.tools.compare import (
     METRIC_KEYS,
     CompareSettings,
     build_datamodule,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from anomalib.models.components import KCenterGreedy
 
-from anomalib_reconpatch.coreset import FastKCenterGreedy, greedy_k_center
+from anomalib_reconpatch.components.coreset import FastKCenterGreedy, greedy_k_center
 
 
 def brute_force_k_center(features: torch.Tensor, n_select: int, start: int) -> list[int]:

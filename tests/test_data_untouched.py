@@ -13,7 +13,7 @@ from anomalib.deploy import ExportType
 from anomalib.engine import Engine
 
 from anomalib_reconpatch import ReConPatch
-from anomalib_reconpatch.predict import predict
+from anomalib_reconpatch.tools.predict import predict
 
 from .conftest import BACKBONE, LAYERS
 

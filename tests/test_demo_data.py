@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomalib_reconpatch.demo_data import DEFECTS, DemoConfig, write_demo_dataset
+from anomalib_reconpatch.tools.demo_data import DEFECTS, DemoConfig, write_demo_dataset
 
 
 def digest(root: Path) -> str:

@@ -13,7 +13,7 @@ from anomalib.engine import Engine
 from anomalib.metrics import AUROC
 
 from anomalib_reconpatch import ReConPatch
-from anomalib_reconpatch.predict import load_compiled_model
+from anomalib_reconpatch.tools.predict import load_compiled_model
 
 from .conftest import BACKBONE, LAYERS
 
@@ -89,7 +89,7 @@ def test_int8_ptq_through_the_stock_cli_calibrates_on_training_images_and_keeps_
     import subprocess
     import sys
 
-    from anomalib_reconpatch.torch_model import SEARCH_CHUNK
+    from anomalib_reconpatch.reconpatch.search import SEARCH_CHUNK
 
     model, fp32_xml, root = exported
     int8_xml = stock_export(
@@ -104,7 +104,7 @@ def test_int8_ptq_through_the_stock_cli_calibrates_on_training_images_and_keeps_
     np.save(tmp_path / "images.npy", images.numpy())
     scorer = (
         "import json, sys, numpy as np, openvino as ov\n"
-        "from anomalib_reconpatch.predict import compile_options\n"
+        "from anomalib_reconpatch.tools.predict import compile_options\n"
         "images = np.load(sys.argv[1])\n"
         "graph = ov.Core().read_model(sys.argv[3])\n"
         "out = {'ops': sorted({op.get_type_name() for op in graph.get_ops()})}\n"
@@ -142,7 +142,7 @@ def test_int8_ptq_through_the_stock_cli_calibrates_on_training_images_and_keeps_
 
 
 def test_int8_ptq_without_data_says_what_to_pass() -> None:
-    from anomalib_reconpatch.quantize import quantize_on_training_images
+    from anomalib_reconpatch.reconpatch.quantize import quantize_on_training_images
 
     with pytest.raises(ValueError, match="calibrates on the training images"):
         quantize_on_training_images(object(), None)
@@ -157,7 +157,7 @@ def test_predict_writes_overlays_and_csv_and_leaves_input_alone(
 ) -> None:
     import csv
 
-    from anomalib_reconpatch.cli import main
+    from anomalib_reconpatch.tools.cli import main
 
     _, xml, _ = exported
     source = demo_root / "grass" / "test"
@@ -180,7 +180,7 @@ def test_predict_runs_without_torch_or_anomalib(exported: tuple, demo_root: Path
     _, xml, _ = exported
     argv = ["predict", "--model", str(xml), "--input", str(demo_root / "grass" / "test"), "--out", str(tmp_path)]
     code = (
-        "import sys; from anomalib_reconpatch.cli import main; code = main(sys.argv[1:]); "
+        "import sys; from anomalib_reconpatch.tools.cli import main; code = main(sys.argv[1:]); "
         "print(sorted(name for name in ('torch', 'anomalib', 'lightning') if name in sys.modules)); sys.exit(code)"
     )
     result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
@@ -191,7 +191,7 @@ def test_predict_runs_without_torch_or_anomalib(exported: tuple, demo_root: Path
 
 
 def test_predict_rejects_bad_models_and_outputs(exported: tuple, demo_root: Path, tmp_path: Path) -> None:
-    from anomalib_reconpatch.predict import predict
+    from anomalib_reconpatch.tools.predict import predict
 
     image = demo_root / "grass" / "test" / "good" / "000.png"
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -207,7 +207,7 @@ def test_predict_rejects_bad_models_and_outputs(exported: tuple, demo_root: Path
 def test_predict_compiles_in_float32_unless_asked_otherwise(exported: tuple) -> None:
     import openvino as ov
 
-    from anomalib_reconpatch.predict import compile_options
+    from anomalib_reconpatch.tools.predict import compile_options
 
     assert load_compiled_model(exported[1]).get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
     assert compile_options("auto") == {}
@@ -220,7 +220,7 @@ def test_stock_openvino_inferencer_with_the_readme_config_matches_torch(
 ) -> None:
     from anomalib.deploy import OpenVINOInferencer
 
-    from anomalib_reconpatch.predict import compile_options
+    from anomalib_reconpatch.tools.predict import compile_options
 
     monkeypatch.chdir(tmp_path)  # the inferencer writes openvino_cache/ into the working directory
     model, xml, _ = exported

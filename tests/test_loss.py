@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anomalib_reconpatch.loss import RelaxedContrastiveLoss, relaxed_contrastive_loss
+from anomalib_reconpatch.reconpatch.loss import RelaxedContrastiveLoss, relaxed_contrastive_loss
 
 
 def test_two_points_pull_and_push_by_hand() -> None:

@@ -14,15 +14,9 @@ from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 from torch import nn
 
 from anomalib_reconpatch import ReConPatch, ReConPatchModel
-from anomalib_reconpatch.similarity import knn_bandwidth, pairwise_similarity, squared_distances
-from anomalib_reconpatch.torch_model import (
-    centred_rotated_frame,
-    ema_update,
-    nearest_bank_distances,
-    nearest_bank_rows,
-    nearest_rows,
-    reweighted_image_score,
-)
+from anomalib_reconpatch.reconpatch.search import nearest_bank_distances, nearest_bank_rows, nearest_rows
+from anomalib_reconpatch.reconpatch.similarity import knn_bandwidth, pairwise_similarity, squared_distances
+from anomalib_reconpatch.reconpatch.torch_model import centred_rotated_frame, ema_update, reweighted_image_score
 
 from .conftest import BACKBONE, LAYERS
 
@@ -106,7 +100,7 @@ def test_separable_blur_is_anomalibs_blur() -> None:
     """An impulse comes out as anomalib's 2-D Gaussian kernel; any map as anomalib's blur gives it."""
     from anomalib.models.image.patchcore.anomaly_map import AnomalyMapGenerator as PatchcoreMaps
 
-    from anomalib_reconpatch.anomaly_map import AnomalyMapGenerator
+    from anomalib_reconpatch.reconpatch.anomaly_map import AnomalyMapGenerator
 
     ours, stock = AnomalyMapGenerator(), PatchcoreMaps()
     impulse = torch.zeros(1, 1, 65, 65)

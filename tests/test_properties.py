@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from anomalib_reconpatch.loss import relaxed_contrastive_loss
-from anomalib_reconpatch.similarity import pseudo_labels
+from anomalib_reconpatch.reconpatch.loss import relaxed_contrastive_loss
+from anomalib_reconpatch.reconpatch.similarity import pseudo_labels
 
 finite = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, allow_infinity=False, width=32)
 

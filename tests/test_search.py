@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from anomalib_reconpatch import ReConPatch, ReConPatchModel, search
-from anomalib_reconpatch.predict import load_compiled_model
-from anomalib_reconpatch.torch_model import nearest_bank_distances, nearest_bank_rows, refine_top_patches
+from anomalib_reconpatch import ReConPatch, ReConPatchModel
+from anomalib_reconpatch.reconpatch import search
+from anomalib_reconpatch.reconpatch.search import nearest_bank_distances, nearest_bank_rows, refine_top_patches
+from anomalib_reconpatch.tools.predict import load_compiled_model
 
 from .conftest import BACKBONE, LAYERS
 from .test_model import demo_images

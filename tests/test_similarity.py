@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from anomalib_reconpatch.similarity import (
+from anomalib_reconpatch.reconpatch.similarity import (
     contextual_similarity,
     knn_bandwidth,
     knn_indicator,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from anomalib_reconpatch import ReConPatch
-from anomalib_reconpatch.spill import FeatureSpill
+from anomalib_reconpatch.components.spill import FeatureSpill
 
 from .conftest import BACKBONE, LAYERS
 from .test_model import demo_images

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from anomalib_reconpatch.weights import timm_lite_state_dict, write_lite_weights
+from anomalib_reconpatch.tools.weights import timm_lite_state_dict, write_lite_weights
 
 
 @pytest.mark.parametrize("variant", [0, 1, 2])
@@ -45,6 +45,7 @@ with torch.no_grad():
 
 def test_stock_timm_loads_them_offline_and_sees_a_cat(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-m", "anomalib_reconpatch.cli", "weights", "--variants", "0"], env=env, check=True)
+    command = [sys.executable, "-m", "anomalib_reconpatch.tools.cli", "weights", "--variants", "0"]
+    subprocess.run(command, env=env, check=True)
     out = subprocess.run([sys.executable, "-c", CLASSIFY], env=env, check=True, capture_output=True, text=True)
     assert 281 <= int(out.stdout.strip()) <= 285  # ImageNet's domestic cat classes

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-BAD_INPUT_ERRORS = (ValueError, FileExistsError, FileNotFoundError)  # printed as one line, no traceback
+from .errors import BAD_INPUT_ERRORS
 
 
 def _weights(args: argparse.Namespace) -> int:
@@ -80,9 +80,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of every ``reconpatch`` sub-command."""
+    from ..components.hub_cache import LITE_VARIANTS
     from .demo_data import TEXTURES
     from .predict import PRECISIONS
-    from .weights import LITE_VARIANTS
 
     parser = argparse.ArgumentParser(prog="reconpatch", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)

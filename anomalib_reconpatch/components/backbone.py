@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 
 from anomalib.models.components import TimmFeatureExtractor
 
-from .weights import LITE_VARIANTS, repo_cache_dir
+from .hub_cache import LITE_VARIANTS, repo_cache_dir
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 

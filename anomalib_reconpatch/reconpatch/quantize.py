@@ -34,7 +34,7 @@ def search_only_scope(model: Any) -> Any:
     """An NNCF ignored scope holding every op except the bank-search convolutions.
 
     The exported search is one 1x1 convolution per bank chunk followed by a minimum over the bank
-    rows (``torch_model._conv_chunk_distances``), and one over the whole bank for the top patch's
+    rows (``search.conv_chunk_distances``), and one over the whole bank for the top patch's
     neighbour; the backbone's convolutions and the anomaly map's blur feed no minimum, and stay FP32.
     """
     import nncf

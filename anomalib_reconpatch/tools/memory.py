@@ -5,6 +5,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 logger = logging.getLogger(__name__)
 
@@ -29,3 +32,24 @@ def fix_mmap_threshold(threshold_bytes: int = 4 * 2**20) -> bool:
         return False
     logger.debug("mallopt(M_MMAP_THRESHOLD, %d) -> %s", threshold_bytes, applied)
     return applied
+
+
+@contextmanager
+def peak_rss() -> Iterator[dict[str, float]]:
+    """Sample this process's resident memory every 20 ms; yields a dict that gets ``peak_rss_mb``."""
+    import psutil
+
+    process, result, stop = psutil.Process(), {"peak_rss_mb": 0.0}, threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            result["peak_rss_mb"] = max(result["peak_rss_mb"], process.memory_info().rss / 2**20)
+            stop.wait(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()

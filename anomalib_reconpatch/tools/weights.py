@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..components.hub_cache import repo_cache_dir
+
 if TYPE_CHECKING:
     import torch
-
-LITE_VARIANTS = (0, 1, 2)
 
 _BLOCK_RENAMES_FIRST_STAGE = {  # timm DepthwiseSeparableConv: no expansion conv
     "_depthwise_conv": "conv_dw",
@@ -45,19 +44,6 @@ class WrittenWeights:
     model_name: str
     path: Path
     changed: bool
-
-
-def hf_hub_cache() -> Path:
-    """The hub cache folder that huggingface_hub uses (honours HF_HUB_CACHE and HF_HOME)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    hf_home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(hf_home).expanduser() / "hub"
-
-
-def repo_cache_dir(repo_id: str) -> Path:
-    """Cache folder of one model repository, in huggingface_hub's layout."""
-    return hf_hub_cache() / ("models--" + repo_id.replace("/", "--"))
 
 
 def lite_source_file(variant: int) -> Path:

@@ -7,7 +7,6 @@ plain tensor operations with symbolic shapes, so the stock ONNX/OpenVINO export 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -17,13 +16,19 @@ from anomalib.models.components import DynamicBufferMixin
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from ..components.backbone import build_feature_extractor
 from .anomaly_map import AnomalyMapGenerator
-from .backbone import build_feature_extractor
-from .search import build_index, exporting, search_index
-
-# Eager torch at bottle's shapes: 1.2-1.3x faster than 4096 in 5 of 7 runs of benchmarks/search_chunk.py.
-SEARCH_CHUNK = 1024
-REFINE_PATCHES = 16
+from .search import (
+    as_columns,
+    build_index,
+    chunk_distances,
+    conv_chunk_distances,
+    exporting,
+    nearest_bank_distances,
+    nearest_rows,
+    refine_top_patches,
+    search_index,
+)
 
 
 def identity_linear(dim: int) -> nn.Linear:
@@ -66,75 +71,6 @@ def centred_rotated_frame(
     )
 
 
-def _chunk_distances(embedding: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
-    """``|b|^2 - 2 q.b`` for every query row and bank row of ``part``: one fused matmul-add.
-
-    ``|q|^2`` is the same for every bank row, so the callers add it after the minimum.
-    """
-    return torch.addmm(part.pow(2).sum(-1)[None, :], embedding, part.T, alpha=-2.0)
-
-
-def _conv_chunk_distances(columns: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
-    """``_chunk_distances`` as a 1x1 convolution with bias, bank rows as filters, on ``1 x D x N x 1`` queries.
-
-    The INT8 export's form: on this AVX2 CPU without VNNI, OpenVINO ran this graph 1.61x faster in
-    INT8 than in FP32, where quantized matmuls had run at 0.78x FP32; in FP32 the matmul is the
-    faster form (1.02x and 1.10x in two runs of benchmarks/export.py).
-    """
-    return F.conv2d(columns, -2.0 * part[:, :, None, None], part.pow(2).sum(-1))
-
-
-def _as_columns(queries: torch.Tensor) -> torch.Tensor:
-    """``N x D`` query rows as the ``1 x D x N x 1`` input of ``_conv_chunk_distances``."""
-    return queries.T.reshape(1, queries.shape[1], -1, 1)
-
-
-def nearest_bank_distances(
-    embedding: torch.Tensor, bank: torch.Tensor, chunk: int = SEARCH_CHUNK, convolution: bool = False
-) -> torch.Tensor:
-    """Exact distance from each query row to its nearest bank row (the scoring path's search).
-
-    The bank is scanned in fixed chunks so the full query-by-bank distance matrix never exists at
-    once (the chunk count is static, which keeps the traced graph shape-agnostic). No index: only
-    each image's top patch needs its neighbour (``reweighted_image_score`` finds it), and in the
-    exported graph a minimum with its index (TopK) cost as much as the chunk's matmul, a plain
-    minimum (ReduceMin) a tenth of it (OpenVINO's per-op profile, benchmarks/export.py's model).
-    ``convolution`` scans each chunk with ``_conv_chunk_distances`` (same distances).
-    """
-    parts = [bank[start : start + chunk] for start in range(0, bank.shape[0], chunk)]
-    if convolution:
-        columns = _as_columns(embedding)
-        minima = [_conv_chunk_distances(columns, part).amin(dim=1).reshape(-1) for part in parts]
-    else:
-        minima = [_chunk_distances(embedding, part).amin(dim=1) for part in parts]
-    best = functools.reduce(torch.minimum, minima)
-    return (best + embedding.pow(2).sum(-1)).clamp_min(0).sqrt()
-
-
-def nearest_bank_rows(
-    embedding: torch.Tensor, bank: torch.Tensor, chunk: int = SEARCH_CHUNK
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact nearest bank row for each query row: (distance, index), chunked as ``nearest_bank_distances``."""
-    best = best_idx = None
-    for start in range(0, bank.shape[0], chunk):
-        value, index = _chunk_distances(embedding, bank[start : start + chunk]).min(dim=1)
-        index = index + start
-        if best is None:
-            best, best_idx = value, index
-        else:
-            closer = value < best
-            best = torch.where(closer, value, best)
-            best_idx = torch.where(closer, index, best_idx)
-    best = (best + embedding.pow(2).sum(-1)).clamp_min(0)
-    return best.sqrt(), best_idx
-
-
-def nearest_rows(queries: torch.Tensor, bank: torch.Tensor, size: int, chunk: int = SEARCH_CHUNK) -> torch.Tensor:
-    """Indices of the ``size`` nearest bank rows of each query row, nearest first (``chunk`` queries at a time)."""
-    parts = queries.split(chunk)
-    return torch.cat([_chunk_distances(part, bank).topk(size, dim=1, largest=False).indices for part in parts])
-
-
 def reweighted_image_score(
     patch_scores: torch.Tensor,
     embedding: torch.Tensor,
@@ -148,7 +84,7 @@ def reweighted_image_score(
     The top patch's nearest bank row is searched here, for that patch alone (the patch search returns
     distances only); its support is that row's ``num_neighbors`` nearest bank rows. Exports look the
     support up in ``support_table`` (every bank row's, :func:`nearest_rows`), which spares a pass over the
-    bank and a top-k per image; ``convolution`` finds the neighbour with ``_conv_chunk_distances``, so
+    bank and a top-k per image; ``convolution`` finds the neighbour with ``conv_chunk_distances``, so
     INT8 quantizes it with the patch search.
 
     Args:
@@ -166,9 +102,9 @@ def reweighted_image_score(
     batch = torch.arange(patch_scores.shape[0], device=patch_scores.device)
     max_features = embedding[batch, max_patches]
     if convolution:
-        neighbour = _conv_chunk_distances(_as_columns(max_features), memory_bank).argmin(dim=1).reshape(-1)
+        neighbour = conv_chunk_distances(as_columns(max_features), memory_bank).argmin(dim=1).reshape(-1)
     else:
-        neighbour = _chunk_distances(max_features, memory_bank).argmin(dim=1)
+        neighbour = chunk_distances(max_features, memory_bank).argmin(dim=1)
     if support_table is None:
         support = nearest_rows(memory_bank[neighbour], memory_bank, min(num_neighbors, memory_bank.shape[0]))
     else:
@@ -176,31 +112,6 @@ def reweighted_image_score(
     support_dist = (max_features[:, None, :] - memory_bank[support]).pow(2).sum(-1).clamp_min(0).sqrt()
     weights = 1.0 - F.softmax(support_dist, dim=1)[:, 0]
     return weights * max_scores
-
-
-@torch.no_grad()
-def refine_top_patches(queries: torch.Tensor, bank: torch.Tensor, distances: torch.Tensor, batch: int) -> torch.Tensor:
-    """Exact search for each image's most distant patches until its largest distance is certified exact.
-
-    An approximate neighbour is never closer than the true one, so once the largest exact distance among
-    the refined patches is at least the largest approximate distance left unrefined, no other patch can
-    hold the image's maximum: the image score (the maximum and its re-weighting) is the exact search's,
-    up to float rounding. Without it, HNSW at 98% recall@1 took bottle's image AUROC from 1.000 to 0.580
-    (benchmarks/inference.py). The anomaly map keeps the approximate distances of the other patches.
-    """
-    distances = distances.clone()
-    per_image = distances.shape[0] // batch
-    for image, approximate in enumerate(distances.reshape(batch, per_image).clone()):
-        order = approximate.argsort(descending=True)
-        start, stop, best = 0, min(REFINE_PATCHES, per_image), 0.0
-        while True:
-            rows = order[start:stop] + image * per_image
-            distances[rows] = nearest_bank_distances(queries[rows], bank)
-            best = max(best, float(distances[rows].max()))
-            if stop == per_image or best >= float(approximate[order[stop]]):
-                break
-            start, stop = stop, min(2 * stop, per_image)
-    return distances
 
 
 class ReConPatchModel(DynamicBufferMixin, nn.Module):

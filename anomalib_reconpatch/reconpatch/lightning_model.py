@@ -33,45 +33,24 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from .checks import ARCHITECTURE_KEY, architecture, check_checkpoint_matches, preflight
-from .coreset import FastKCenterGreedy
+from ..components.coreset import FastKCenterGreedy
+from ..components.preflight import preflight
+from ..components.spill import FeatureSpill, SpilledFeatures
 from .loss import RelaxedContrastiveLoss
 from .quantize import quantize_on_training_images
-from .search import SEARCH_OPTIONS
 from .similarity import pseudo_labels
-from .spill import FeatureSpill, SpilledFeatures
 from .torch_model import ReConPatchModel, ema_update
+from .validation import (
+    ARCHITECTURE_KEY,
+    architecture,
+    check_checkpoint_matches,
+    check_training_size,
+    validate_hyperparameters,
+)
 
 logger = logging.getLogger(__name__)
 
 NON_FINITE = "The backbone produced NaN or inf patch features: check the training images and normalisation."
-
-
-def _check_range(name: str, value: float, ok: bool, expected: str) -> None:
-    if not ok:
-        msg = f"ReConPatch: {name}={value!r} is out of range; expected {expected} (set --model.{name})."
-        raise ValueError(msg)
-
-
-def validate_hyperparameters(params: dict[str, Any]) -> None:
-    """Reject out-of-range settings at construction, before any backbone is built."""
-    _check_range("k", params["k"], isinstance(params["k"], int) and params["k"] >= 1, "an integer >= 1")
-    _check_range("alpha", params["alpha"], 0.0 <= params["alpha"] <= 1.0, "0 <= alpha <= 1")
-    _check_range("margin", params["margin"], params["margin"] > 0, "margin > 0")
-    _check_range("sigma", params["sigma"], params["sigma"] > 0, "sigma > 0")
-    _check_range("momentum", params["momentum"], 0.0 <= params["momentum"] < 1.0, "0 <= momentum < 1")
-    ratio = params["coreset_sampling_ratio"]
-    _check_range("coreset_sampling_ratio", ratio, 0.0 < ratio <= 1.0, "0 < ratio <= 1")
-    _check_range("num_steps", params["num_steps"], params["num_steps"] >= 0, "an integer >= 0")
-    batch = params["patches_per_step"]
-    _check_range("patches_per_step", batch, batch > params["k"], f"an integer > k ({params['k']})")
-    _check_range("learning_rate", params["learning_rate"], params["learning_rate"] > 0, "learning_rate > 0")
-    _check_range("weight_decay", params["weight_decay"], params["weight_decay"] >= 0, "weight_decay >= 0")
-    _check_range("projection_dim", params["projection_dim"], params["projection_dim"] >= 1, "an integer >= 1")
-    _check_range("num_neighbors", params["num_neighbors"], params["num_neighbors"] >= 1, "an integer >= 1")
-    _check_range("search", params["search"], params["search"] in SEARCH_OPTIONS, "one of " + ", ".join(SEARCH_OPTIONS))
-    budget = params["feature_memory_mb"]
-    _check_range("feature_memory_mb", budget, budget is None or budget >= 0, "null (no limit) or megabytes >= 0")
 
 
 class ReConPatch(MemoryBankMixin, AnomalibModule):
@@ -306,7 +285,9 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         before Lightning builds the dataloaders, so 16-bit images can still be read correctly.
         """
         super().setup(stage)
-        preflight(self, stage)
+        scan = preflight(self, stage)
+        if scan is not None and stage == "fit":
+            check_training_size(self, self.trainer.datamodule, scan)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the architecture apart from ``hyper_parameters``, which loading with overrides rewrites."""
@@ -361,7 +342,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         """Anomalib's OpenVINO export; INT8 exports trace the bank searches as 1x1 convolutions.
 
         OpenVINO's INT8 convolution is what makes INT8 pay on a CPU without VNNI; FP32 keeps the
-        matmul search, its faster form (``torch_model._conv_chunk_distances``).
+        matmul search, its faster form (``search.conv_chunk_distances``).
         """
         int8 = compression_type in {CompressionType.INT8_PTQ, CompressionType.INT8_ACQ}
         with self.model.export_form(convolution=int8):

@@ -106,7 +106,7 @@ def read_rgb(path: Path) -> np.ndarray:
 
     Raises :class:`images.UnreadableImageError` naming the file for a truncated, empty or non-image file.
     """
-    from .images import UnreadableImageError, image_problem, read_image
+    from ..components.images import UnreadableImageError, image_problem, read_image
 
     try:
         image = read_image(path)
@@ -139,7 +139,7 @@ def predict(
     """Score every image of ``source`` with the exported model; write overlays and ``scores.csv`` to ``out``."""
     from PIL import Image
 
-    from .images import UnreadableImageError
+    from ..components.images import UnreadableImageError
 
     check_output_outside(source, out)
     compiled = load_compiled_model(model_path, device, precision)

@@ -170,105 +170,21 @@ STAGE_SPLITS = {
 }
 
 
-def check_training_size(module: Any, datamodule: Any, scan: ImageScan) -> None:
-    """Stop before feature extraction when the training set cannot give ``k + 1`` patches or one coreset point."""
-    train = getattr(datamodule, "train_data", None)
-    if train is None or not hasattr(train, "__len__"):
-        return
-    n_images = len(train)
-    if n_images == 0:
-        root = Path(getattr(datamodule, "root", None) or ".") / str(getattr(datamodule, "category", None) or "")
-        msg = (
-            f"No training images found under {root}: add normal images to its training folder "
-            "(train/good in the MVTec layout) or point the datamodule at the right folder."
-        )
-        raise ValueError(msg)
-    height, width = module.input_size or scan.first_size or (256, 256)
-    with torch.no_grad():
-        grid = module.model.patch_features(torch.zeros(1, 3, int(height), int(width), device=module.device)).shape[-2:]
-    n_patches = n_images * grid[0] * grid[1]
-    k, ratio = module.hparams["k"], module.hparams["coreset_sampling_ratio"]
-    if n_patches <= k:
-        msg = (
-            f"ReConPatch needs more than k={k} training patches, the {n_images} training image(s) give "
-            f"{n_patches}: add images or lower --model.k."
-        )
-        raise ValueError(msg)
-    if int(n_patches * ratio) == 0:
-        msg = (
-            f"--model.coreset_sampling_ratio={ratio} keeps no memory-bank point of the {n_patches} training patches "
-            f"({n_images} image(s) x {grid[0]}x{grid[1]} patches): set it to at least 1/{n_patches} "
-            "or add training images."
-        )
-        raise ValueError(msg)
-
-
-def preflight(module: Any, stage: str) -> None:
-    """Run by the model's ``setup`` hook: unreadable files and impossible settings fail here, early.
+def preflight(module: Any, stage: str) -> ImageScan | None:
+    """Scan the images of ``stage``'s splits from a model's ``setup`` hook, so unreadable files fail early.
 
     Only anomalib datamodules are scanned; with bare dataloaders (no datamodule) there is nothing to list.
+
+    Args:
+        module: the Lightning module whose trainer holds the datamodule.
+        stage: Lightning's stage (``fit``, ``validate``, ``test`` or ``predict``).
+
+    Returns:
+        What the scan found, or None when the trainer has no datamodule.
+
     """
     trainer = getattr(module, "_trainer", None)
     datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
     if datamodule is None:
-        return
-    scan = check_datamodule(datamodule, STAGE_SPLITS.get(stage, ()))
-    if stage == "fit":
-        check_training_size(module, datamodule, scan)
-
-
-ARCHITECTURE_KEY = "reconpatch_architecture"
-
-
-def architecture(module: Any) -> dict[str, Any]:
-    """What a checkpoint must match to load: backbone, layers, embedding_dim and the resulting feature size."""
-    weight = module.state_dict().get("model.representation.weight")
-    return {
-        "backbone": module.hparams.get("backbone"),
-        "layers": _normalise(module.hparams.get("layers")),
-        "embedding_dim": module.hparams.get("embedding_dim"),
-        "feature_dim": int(weight.shape[1]) if weight is not None else None,
-    }
-
-
-def _describe(arch: dict[str, Any]) -> str:
-    return (
-        f"backbone={arch.get('backbone')}, layers={arch.get('layers')}, embedding_dim={arch.get('embedding_dim')} "
-        f"(feature dim {arch.get('feature_dim')})"
-    )
-
-
-def check_checkpoint_matches(module: Any, checkpoint: dict[str, Any]) -> None:
-    """Refuse a checkpoint whose backbone, layers or feature size differ from the model it is loaded into.
-
-    Without this, a different feature size fails deep in ``load_state_dict`` with bare tensor
-    shapes, and a different backbone fails with hundreds of missing keys (or, with the same size
-    and keys, loads silently and scores nonsense). The checkpoint's own record (written by
-    ``on_save_checkpoint``) is used because ``load_from_checkpoint(path, layers=...)`` overwrites
-    the checkpoint's ``hyper_parameters`` with the overrides before this hook runs.
-    """
-    saved = checkpoint.get(ARCHITECTURE_KEY)
-    if saved is None:  # written before the record existed: hyper-parameters and the weight shape
-        params = checkpoint.get("hyper_parameters") or {}
-        weight = (checkpoint.get("state_dict") or {}).get("model.representation.weight")
-        saved = {name: _normalise(params.get(name)) for name in ("backbone", "layers", "embedding_dim")}
-        saved["feature_dim"] = int(weight.shape[1]) if weight is not None else None
-    own = architecture(module)
-    unknown = {name for name in ("feature_dim",) if saved.get(name) is None or own.get(name) is None}
-    differs = [name for name in own if name not in unknown and _normalise(saved.get(name)) != own[name]]
-    if not differs:
-        return
-    layers = ", ".join(str(layer) for layer in saved.get("layers") or [])
-    msg = (
-        f"This checkpoint was trained with {_describe(saved)}, but the model it is loaded into has "
-        f"{_describe(own)} ({', '.join(differs)} differ). Build the model as it was trained: "
-        f"pass --model.backbone {saved.get('backbone')} --model.layers '[{layers}]' "
-        f"--model.embedding_dim {saved.get('embedding_dim')} "
-        "(or call ReConPatch.load_from_checkpoint(path) without overriding them)."
-    )
-    raise ValueError(msg)
-
-
-def _normalise(value: Any) -> Any:
-    """Lists and tuples compare equal (a checkpoint stores ``layers`` as either)."""
-    return list(value) if isinstance(value, list | tuple) else value
+        return None
+    return check_datamodule(datamodule, STAGE_SPLITS.get(stage, ()))

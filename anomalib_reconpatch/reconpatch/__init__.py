@@ -1,0 +1,27 @@
+"""ReConPatch: Contrastive Patch Representation Learning for Industrial Anomaly Detection.
+
+Paper: Hyun et al., WACV 2024, https://arxiv.org/abs/2305.16713
+
+PatchCore's patch features from a frozen ImageNet CNN are mapped by a linear representation ``f``,
+trained on the normal images alone with a relaxed contrastive loss whose soft targets mix a pairwise
+and a contextual similarity from EMA copies of ``f`` and its projection ``g``. A coreset of
+``f(features)`` is the memory bank; a test patch scores its distance to the nearest bank row.
+
+Example:
+    >>> from anomalib.data import MVTecAD
+    >>> from anomalib.engine import Engine
+    >>> from anomalib_reconpatch.reconpatch import ReConPatch
+    >>> datamodule = MVTecAD(root="datasets/MVTecAD", category="bottle")  # doctest: +SKIP
+    >>> model = ReConPatch(backbone="tf_efficientnet_lite0", layers=["blocks.2", "blocks.4"])  # doctest: +SKIP
+    >>> engine = Engine()  # doctest: +SKIP
+    >>> engine.fit(model=model, datamodule=datamodule)  # doctest: +SKIP
+    >>> predictions = engine.test(model=model, datamodule=datamodule)  # doctest: +SKIP
+
+See ``README.md`` beside this file for the method, the choices where the paper is silent and benchmarks.
+
+"""
+
+from .lightning_model import ReConPatch
+from .torch_model import ReConPatchModel
+
+__all__ = ["ReConPatch", "ReConPatchModel"]

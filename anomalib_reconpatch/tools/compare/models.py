@@ -1,0 +1,46 @@
+"""The models ``reconpatch compare`` builds: any anomalib memory-bank model on the shared settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .settings import CompareSettings, image_shape
+
+
+def make_evaluator() -> Any:
+    """Anomalib's metrics: image AUROC and F1 (adaptive threshold), pixel AUROC and PRO (AUPRO to 30% FPR)."""
+    from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
+
+    pro = AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", fpr_limit=0.3, strict=False)
+    pro.name = "pixel_PRO"
+    return Evaluator(
+        test_metrics=[
+            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+            F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
+            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            pro,
+        ]
+    )
+
+
+def build_model(name: str, settings: CompareSettings) -> Any:
+    """ReConPatch or any anomalib memory-bank model by class name, on the shared settings."""
+    import anomalib.models
+
+    from ...reconpatch import lightning_model  # noqa: F401 - importing it registers anomalib.models.ReConPatch
+
+    model_class = getattr(anomalib.models, name, None)
+    if not isinstance(model_class, type):
+        msg = f"Unknown model '{name}': use an anomalib model class name such as ReConPatch or Patchcore."
+        raise ValueError(msg)
+    kwargs: dict[str, Any] = {
+        "backbone": settings.backbone,
+        "layers": settings.layers,
+        "coreset_sampling_ratio": settings.coreset_ratio,
+        "pre_processor": model_class.configure_pre_processor(image_size=image_shape(settings.image_size)),
+        "evaluator": make_evaluator(),
+        "visualizer": False,
+    }
+    if model_class.__name__ == "ReConPatch":
+        kwargs.update(settings.reconpatch_args)
+    return model_class(**kwargs)

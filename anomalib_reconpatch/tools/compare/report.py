@@ -1,0 +1,229 @@
+"""The numbers of a comparison as tables: report.md and report.json, per seed and per category."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .settings import CompareSettings, image_shape
+
+METRIC_KEYS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_PRO")
+TIMING_KEYS = (
+    "fit_s",
+    "features_s",
+    "representation_s",
+    "coreset_s",
+    "test_s",
+    "latency_ms",
+    "backbone_ms",
+    "search_ms",
+    "rest_ms",
+    "peak_rss_mb",
+)
+
+
+def machine() -> str:
+    """The CPU's model name (Linux), or what :mod:`platform` knows of it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict[str, Any]:
+    """Library versions, the CPU and its core count, for the report."""
+    import anomalib
+    import openvino
+    import timm
+
+    return {
+        "anomalib": anomalib.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "openvino": openvino.get_version(),
+        "python": platform.python_version(),
+        "cpu": machine(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def command_line() -> str:
+    """The command that made the report, as a shell would take it (``reconpatch compare ...``)."""
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def markdown_table(models: dict[str, dict]) -> str:
+    """Side-by-side table; the difference column is first model minus second."""
+    names = list(models)
+    head = "| metric | " + " | ".join(names) + (" | difference |" if len(names) == 2 else " |")
+    rule = "|---" * (len(names) + 1 + (len(names) == 2)) + "|"
+    rows = [head, rule]
+    for key in (*METRIC_KEYS, *TIMING_KEYS, "memory_bank"):
+        values = [models[n].get(key) for n in names]
+        if all(v is None for v in values):
+            continue
+        cells = [
+            " x ".join(map(str, v)) if isinstance(v, list) else f"{v:.3f}" if v is not None else "-" for v in values
+        ]
+        if len(names) == 2:
+            numeric = all(isinstance(v, float) for v in values)
+            cells.append(f"{values[0] - values[1]:+.3f}" if numeric else "")
+        rows.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def mean_over_runs(per_run: dict[Any, dict[str, dict]]) -> dict[str, dict]:
+    """Each model's numbers averaged over seeds or categories; non-float values (bank shape) come from the first."""
+    runs = list(per_run.values())
+    means = {}
+    for name, first in runs[0].items():
+        means[name] = {
+            key: statistics.fmean(run[name][key] for run in runs) if isinstance(value, float) else value
+            for key, value in first.items()
+        }
+    return means
+
+
+def spread_over_seeds(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict[str, float]]:
+    """Sample standard deviation of each model's metrics over the seeds (needs two or more)."""
+    runs = list(per_seed.values())
+    return {name: {key: statistics.stdev(run[name][key] for run in runs) for key in METRIC_KEYS} for name in runs[0]}
+
+
+def seed_table(per_seed: dict[int, dict[str, dict]], spread: dict[str, dict[str, float]]) -> str:
+    """Per-metric rows: each model's value for every seed, in order, and their standard deviation."""
+    names = list(spread)
+    rows = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for key in METRIC_KEYS:
+        cells = [
+            " / ".join(f"{run[name][key]:.3f}" for run in per_seed.values()) + f" (sd {spread[name][key]:.3f})"
+            for name in names
+        ]
+        rows.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def settings_record(settings: CompareSettings, data_config: dict[str, Any]) -> dict[str, Any]:
+    """The settings as report.json holds them: paths as text, and the data config that was read."""
+    return {**asdict(settings), "data": str(settings.data), "out": str(settings.out), "data_config": data_config}
+
+
+CATEGORY_COLUMNS = ("image_AUROC", "pixel_AUROC", "pixel_PRO", "fit_s", "latency_ms")
+
+
+def category_table(per_category: dict[str, dict[str, dict]]) -> str:
+    """One row per category (linked to its own report), each cell every model's value in order."""
+    names = list(next(iter(per_category.values())))
+    head = "| category | " + " | ".join(f"{key} ({' / '.join(names)})" for key in CATEGORY_COLUMNS) + " |"
+    rows = [head, "|---" * (len(CATEGORY_COLUMNS) + 1) + "|"]
+    for category, models in per_category.items():
+        cells = [" / ".join(f"{models[name][key]:.3f}" for name in names) for key in CATEGORY_COLUMNS]
+        rows.append(f"| [{category}]({category}/report.md) | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def write_category_summary(
+    settings: CompareSettings, data_config: dict[str, Any], results: dict[str, dict], log: Callable[[str], None]
+) -> dict:
+    """``report.json`` and ``report.md`` over the categories: the means over them, and each category's numbers."""
+    per_category = {category: result["report"]["models"] for category, result in results.items()}
+    means = {
+        name: {key: value for key, value in model.items() if isinstance(value, float)}
+        for name, model in mean_over_runs(per_category).items()
+    }
+    report = {
+        "models": means,
+        "per_category": per_category,
+        "settings": settings_record(settings, data_config),
+        "versions": versions(),
+        "command": command_line(),
+    }
+    (settings.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    table = markdown_table(means)
+    text = (
+        f"# ReConPatch vs PatchCore on {settings.data}, {len(per_category)} categories\n\n"
+        f"Command: `{report['command']}`; {report['versions']}.\n\n"
+        f"Each number is the mean over the categories (seeds {', '.join(map(str, settings.seeds))}); every "
+        "category's own report, with its figures, is in its folder.\n\n"
+        f"{table}\n\nPer category:\n\n{category_table(per_category)}\n"
+    )
+    (settings.out / "report.md").write_text(text)
+    log(f"\nMean over {len(per_category)} categories:\n{table}")
+    log(f"\nReport: {settings.out / 'report.md'} (one folder per category)")
+    return report
+
+
+def write_data_report(
+    settings: CompareSettings,
+    data_config: dict[str, Any],
+    models: dict[str, dict],
+    per_seed: dict[int, dict[str, dict]],
+    spread: dict[str, dict[str, float]] | None,
+    log: Callable[[str], None],
+) -> dict:
+    """Write ``report.json`` and ``report.md`` of one datamodule's comparison into ``settings.out``.
+
+    Args:
+        settings: the comparison's settings.
+        data_config: the datamodule config that was read.
+        models: each model's numbers (means over the seeds, latency included).
+        per_seed: each seed's numbers per model.
+        spread: each model's standard deviation over the seeds, or None for one seed.
+        log: where the table and the report's path are printed.
+
+    Returns:
+        The report as written to ``report.json``.
+
+    """
+    report = {
+        "models": models,
+        "per_seed": per_seed,
+        "spread": spread,
+        "settings": settings_record(settings, data_config),
+        "versions": versions(),
+        "command": command_line(),
+    }
+    (settings.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    table = markdown_table(models)
+    category = (data_config.get("init_args") or {}).get("category")
+    title = f"# ReConPatch vs PatchCore on {settings.data}{f' ({category})' if category else ''}\n\n"
+    first, *more = settings.seeds
+    seeds_text = f"seed {first}"
+    if more:
+        seeds_text = (
+            f"seeds {', '.join(map(str, settings.seeds))} (each number is the mean over the seeds; latency and "
+            f"figures come from seed {first}'s models)"
+        )
+    setup = (
+        f"Backbone `{settings.backbone}` {settings.layers}, {'x'.join(map(str, image_shape(settings.image_size)))} px "
+        f"(height x width), coreset ratio "
+        f"{settings.coreset_ratio}, {seeds_text}; {report['versions']}.\n\nCommand: `{report['command']}`\n\n"
+        "pixel_PRO is anomalib's AUPRO up to 30% false-positive rate. Times in seconds; latency_ms is the median "
+        f"per-image time at batch 1 over {settings.latency_images} fixed test images and 3 rounds that time every "
+        "model in turn, after all fits (pre- and post-processing included), split into backbone_ms (feature "
+        "extractor), search_ms (nearest memory-bank search) and rest_ms (the remainder); peak_rss_mb is the "
+        "resident memory of the run's own process (every model and seed is fitted and tested in a fresh one), "
+        "sampled every 20 ms during its fit and test. In heatmaps.png each model's maps share one colour scale, "
+        "from its lowest to its highest value over the whole test set.\n\n"
+    )
+    if spread:
+        table += "\n\nPer seed (" + ", ".join(map(str, settings.seeds)) + "):\n\n" + seed_table(per_seed, spread)
+    (settings.out / "report.md").write_text(
+        title + setup + table + "\n\n![ROC](roc.png)\n\n![heatmaps](heatmaps.png)\n"
+    )
+    log("\n" + table)
+    log(f"\nReport: {settings.out / 'report.md'} (raw numbers in report.json, roc.png, heatmaps.png)")
+    return report

@@ -1,0 +1,151 @@
+"""One (model, seed) run of ``reconpatch compare``, in a Python process of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any
+from urllib.error import URLError
+
+import torch
+
+from ..errors import BAD_INPUT_ERRORS
+from ..memory import fix_mmap_threshold, peak_rss
+from .callbacks import PhaseTimer, TestRecorder
+from .data import build_datamodule, download_failure
+from .models import build_model
+from .probes import latency_images
+from .report import METRIC_KEYS
+from .settings import CompareSettings
+
+
+def run_one(
+    name: str, settings: CompareSettings, seed: int, data_config: dict[str, Any], log: Callable[[str], None]
+) -> dict:
+    """Train and test one model with one seed (inside that run's own process).
+
+    Returns plain data for the parent: its metrics and timings, anomalib's test metrics, the recorded
+    test outputs, the fitted model's state and the fixed test images that ``compare`` times it on.
+    """
+    from anomalib.engine import Engine
+    from lightning.pytorch import seed_everything
+
+    seed_everything(seed, workers=True)
+    datamodule = build_datamodule(data_config, seed)
+    model = build_model(name, settings)
+    timer, recorder = PhaseTimer(), TestRecorder()
+    engine = Engine(
+        default_root_dir=settings.out / "runs" / name / f"seed{seed}",
+        logger=False,
+        callbacks=[timer, recorder],
+        enable_progress_bar=False,
+    )
+    with peak_rss() as memory:
+        training = "representation training and " if name == "ReConPatch" else ""
+        log(f"[{name}, seed {seed}] fit: features, then {training}coreset")
+        engine.fit(model=model, datamodule=datamodule)
+        log(f"[{name}, seed {seed}] test")
+        start = time.perf_counter()
+        metrics = engine.test(model=model, datamodule=datamodule)[0]
+        test_s = time.perf_counter() - start
+    timings = getattr(model, "fit_timings", {})
+    features_s = timings.get("features_s", timer.features_s)
+    result = {key: float(metrics[key]) for key in METRIC_KEYS if key in metrics}
+    result.update(
+        fit_s=features_s + timer.fit_s,
+        features_s=features_s,
+        representation_s=timings.get("representation_s", 0.0),
+        coreset_s=timings.get("coreset_s", timer.fit_s),
+        test_s=test_s,
+        peak_rss_mb=memory["peak_rss_mb"],
+        memory_bank=list(model.model.memory_bank.shape),
+        test_images=len(recorder.scores),
+    )
+    log(f"[{name}, seed {seed}] " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float)))
+    return {
+        "result": result,
+        "engine_metrics": {key: float(value) for key, value in metrics.items()},
+        "outputs": recorder.saved(),
+        "state": model.state_dict(),
+        "images": [image.as_subclass(torch.Tensor) for image in latency_images(datamodule, settings.latency_images)],
+    }
+
+
+USER_ERRORS: dict[str, type[Exception]] = {error.__name__: error for error in BAD_INPUT_ERRORS}
+
+
+class RunFailedError(RuntimeError):
+    """A run's process ended on an unexpected error; its traceback is on stderr, above this message."""
+
+
+def describe_exit(code: int) -> str:
+    """How a run's process ended, in words: a kill by the out-of-memory killer should say so."""
+    if code >= 0:
+        return f"exited with code {code}; its error is printed above"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    text = f"was killed by {name}"
+    if -code == signal.SIGKILL:
+        text += (
+            ", most often the kernel's out-of-memory killer (see `dmesg`): lower --coreset-ratio or --image-size "
+            "(ReConPatch alone: a smaller --reconpatch feature_memory_mb=N)"
+        )
+    return text
+
+
+def run_in_process(
+    name: str, settings: CompareSettings, seed: int, data_config: dict[str, Any], log: Callable[[str], None]
+) -> dict:
+    """:func:`run_one` in a fresh Python process, so that the run's peak memory is its own.
+
+    The child's output lines go to ``log``; a bad-input error in the child (a missing data folder,
+    say) is raised here again with its own type and message.
+    """
+    with tempfile.TemporaryDirectory(prefix="reconpatch-compare-") as folder:
+        job, result = Path(folder) / "job.json", Path(folder) / "result.pt"
+        spec = {"name": name, "seed": seed, "data_config": data_config, "settings": asdict(settings)}
+        job.write_text(json.dumps(spec, default=str))
+        command = [sys.executable, "-m", "anomalib_reconpatch.tools.compare", str(job), str(result)]
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", env=environment
+        ) as child:
+            for line in child.stdout:
+                log(line.rstrip("\n"))
+        if child.returncode != 0 or not result.is_file():
+            msg = f"{name}, seed {seed}: the run's process {describe_exit(child.returncode)}."
+            raise RunFailedError(msg)
+        run = torch.load(result, weights_only=True)
+    if "error" in run:
+        raise USER_ERRORS[run["error"]](run["message"])
+    return run
+
+
+def run_child(job: Path, result: Path) -> None:
+    """The child's side of :func:`run_in_process`: read the job, run it, save plain data (or the user error)."""
+    spec = json.loads(job.read_text())
+    fields = spec["settings"]
+    size = fields["image_size"]
+    size = size if isinstance(size, int) else tuple(size)
+    paths = {"data": Path(fields["data"]), "out": Path(fields["out"])}
+    settings = CompareSettings(**{**fields, **paths, "image_size": size})
+    fix_mmap_threshold()  # the same allocator setting for every run; see memory.py
+    try:
+        run = run_one(spec["name"], settings, spec["seed"], spec["data_config"], partial(print, flush=True))
+    except tuple(USER_ERRORS.values()) as error:
+        kind = next(name for name, error_type in USER_ERRORS.items() if isinstance(error, error_type))
+        run = {"error": kind, "message": str(error)}
+    except URLError as error:
+        run = {"error": "FileNotFoundError", "message": download_failure(error, spec["data_config"], settings.data)}
+    torch.save(run, result)
