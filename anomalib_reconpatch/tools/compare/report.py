@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -32,19 +33,20 @@ TIMING_KEYS = (
 )
 
 
-def machine() -> str:
-    """The CPU's model name (Linux), or what :mod:`platform` knows of it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def machine() -> dict[str, Any]:
+    """The CPU's model name (from ``/proc/cpuinfo`` on Linux), its core count and the Python version."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(
+            line.partition(":")[2].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version()}
 
 
 def versions() -> dict[str, Any]:
-    """Library versions, the CPU and its core count, for the report."""
+    """Library versions and CPU count, for the report."""
     import anomalib
     import openvino
     import timm
@@ -54,8 +56,6 @@ def versions() -> dict[str, Any]:
         "torch": torch.__version__,
         "timm": timm.__version__,
         "openvino": openvino.get_version(),
-        "python": platform.python_version(),
-        "cpu": machine(),
         "cpu_count": os.cpu_count(),
     }
 
@@ -149,13 +149,14 @@ def write_category_summary(
         "per_category": per_category,
         "settings": settings_record(settings, data_config),
         "versions": versions(),
+        "machine": machine(),
         "command": command_line(),
     }
     (settings.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     table = markdown_table(means)
     text = (
         f"# ReConPatch vs PatchCore on {settings.data}, {len(per_category)} categories\n\n"
-        f"Command: `{report['command']}`; {report['versions']}.\n\n"
+        f"Command: `{report['command']}`; {report['versions']}; {report['machine']['cpu']}.\n\n"
         f"Each number is the mean over the categories (seeds {', '.join(map(str, settings.seeds))}); every "
         "category's own report, with its figures, is in its folder.\n\n"
         f"{table}\n\nPer category:\n\n{category_table(per_category)}\n"
@@ -194,6 +195,7 @@ def write_data_report(
         "spread": spread,
         "settings": settings_record(settings, data_config),
         "versions": versions(),
+        "machine": machine(),
         "command": command_line(),
     }
     (settings.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
@@ -210,7 +212,9 @@ def write_data_report(
     setup = (
         f"Backbone `{settings.backbone}` {settings.layers}, {'x'.join(map(str, image_shape(settings.image_size)))} px "
         f"(height x width), coreset ratio "
-        f"{settings.coreset_ratio}, {seeds_text}; {report['versions']}.\n\nCommand: `{report['command']}`\n\n"
+        f"{settings.coreset_ratio}, {seeds_text}; {report['versions']}.\n\n"
+        f"Machine: {report['machine']['cpu']}, {report['machine']['cpu_count']} cores, Python "
+        f"{report['machine']['python']}. Command: `{report['command']}`\n\n"
         "pixel_PRO is anomalib's AUPRO up to 30% false-positive rate. Times in seconds; latency_ms is the median "
         f"per-image time at batch 1 over {settings.latency_images} fixed test images and 3 rounds that time every "
         "model in turn, after all fits (pre- and post-processing included), split into backbone_ms (feature "
