@@ -10,7 +10,7 @@ features (``common.patchcore_bank``).
 
 Latency is the median per-image time of the torch model's forward on fixed pre-processed test images,
 over ``--rounds`` rounds that each time every configuration in turn, split into backbone / search /
-rest (``anomalib_reconpatch/latency.py``). ``flat`` is faiss's exact ``IndexFlatL2`` (measured to
+rest (``anomalib_reconpatch/tools/latency.py``). ``flat`` is faiss's exact ``IndexFlatL2`` (measured to
 decide between faiss and torch for exact search). Image AUROC is anomalib's, on all test images, with
 each search; recall@1 is the share of test patches for which the faiss index itself (before the exact
 refinement of each image's top patches) returns the exact nearest bank row.

@@ -237,3 +237,12 @@ def test_stock_cli_exports_a_checkpoint(exported: tuple, tmp_path: Path) -> None
     xml = stock_export(root / "model.ckpt", tmp_path, 600)
     compiled = load_compiled_model(xml)
     assert compiled(np.zeros((1, 3, 256, 256), dtype=np.float32))[compiled.output("pred_score")].shape == (1,)
+
+
+def test_int8_acq_is_refused_before_any_work_and_points_at_ptq(exported: tuple, tmp_path: Path) -> None:
+    from anomalib.deploy import CompressionType
+
+    model, _, _ = exported
+    with pytest.raises(ValueError, match="Use INT8_PTQ"):
+        model.to_openvino(tmp_path / "acq", compression_type=CompressionType.INT8_ACQ)
+    assert not (tmp_path / "acq").exists()

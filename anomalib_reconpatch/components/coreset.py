@@ -15,10 +15,13 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+PROGRESS_EVERY = 64  # selections between progress reports: a report costs far less than 64 selections
 
 
 def _balls(features: torch.Tensor, ball_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +61,7 @@ def greedy_k_center(
     start: int,
     ball_size: int = 256,
     generator: torch.Generator | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Indices of ``n_select`` rows chosen by greedy k-center, starting at row ``start``.
 
@@ -113,11 +117,15 @@ def greedy_k_center(
         mind[ball, slot] = 0.0
         ball_max[ball] = mind[ball].amax()
         centre = features[chosen]
+        if progress is not None and (step + 1) % PROGRESS_EVERY == 0:
+            progress(step + 1)
         if time.monotonic() - tick > 10:
             logger.info(
                 "coreset: %d/%d selected, %.1f of %d balls scanned per step", step, n_select, scanned / step, n_balls
             )
             tick = time.monotonic()
+    if progress is not None:
+        progress(n_select)
     return selected
 
 
@@ -138,12 +146,30 @@ class FastKCenterGreedy:
             )
             raise ValueError(msg)
 
-    def select_coreset_idxs(self) -> list[int]:
-        """Greedy k-center indices; the start point is drawn from torch's global RNG, as anomalib does."""
+    def select_coreset_idxs(self, progress: Callable[[int], None] | None = None) -> list[int]:
+        """Greedy k-center indices; the start point is drawn from torch's global RNG, as anomalib does.
+
+        Args:
+            progress: called now and then with the number of points selected so far.
+
+        Returns:
+            The ``coreset_size`` selected row indices, in the order they were chosen.
+
+        """
         start = int(torch.randint(high=self.embedding.shape[0], size=(1,)))
         generator = torch.Generator().manual_seed(start)
-        return greedy_k_center(self.embedding, self.coreset_size, start, generator=generator).tolist()
+        return greedy_k_center(
+            self.embedding, self.coreset_size, start, generator=generator, progress=progress
+        ).tolist()
 
-    def sample_coreset(self) -> torch.Tensor:
-        """The selected rows of the embedding."""
-        return self.embedding[self.select_coreset_idxs()]
+    def sample_coreset(self, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """The selected rows of the embedding.
+
+        Args:
+            progress: called now and then with the number of points selected so far.
+
+        Returns:
+            ``coreset_size x D`` rows of the embedding.
+
+        """
+        return self.embedding[self.select_coreset_idxs(progress)]

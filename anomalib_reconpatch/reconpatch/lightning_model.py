@@ -35,6 +35,7 @@ from torch import nn
 
 from ..components.coreset import FastKCenterGreedy
 from ..components.preflight import preflight
+from ..components.progress import fit_progress
 from ..components.spill import FeatureSpill, SpilledFeatures
 from .loss import RelaxedContrastiveLoss
 from .quantize import quantize_on_training_images
@@ -232,7 +233,9 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         finally:
             if spill is not None:
                 spill.close()
-        self.model.memory_bank = FastKCenterGreedy(embedded, self.coreset_sampling_ratio).sample_coreset()
+        sampler = FastKCenterGreedy(embedded, self.coreset_sampling_ratio)
+        with fit_progress(self._trainer, "ReConPatch coreset", sampler.coreset_size) as update:
+            self.model.memory_bank = sampler.sample_coreset(progress=update)
         self.model.fold_bank_frame()
         self.fit_timings = {
             "features_s": features_s,
@@ -256,26 +259,29 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         optimizer, scheduler = self.configure_representation_optimizer([*online_f.parameters(), *online_g.parameters()])
         batch_size = min(self.patches_per_step, n)
         tick = time.perf_counter()
-        for step in range(self.num_steps):
-            x = features[torch.randint(n, (batch_size,))].to(self.device)
-            with torch.no_grad():
-                weights = pseudo_labels(target_g(target_f(x)), self.k, self.alpha, self.sigma)
-            loss = self.loss(online_g(online_f(x)), weights)
-            if not math.isfinite(loss.item()):
-                msg = (
-                    f"ReConPatch representation training diverged at step {step + 1}/{self.num_steps} "
-                    f"(loss {loss.item()}): lower --model.learning_rate or check the training images."
-                )
-                raise FloatingPointError(msg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            ema_update(target_f, online_f, self.momentum)
-            ema_update(target_g, online_g, self.momentum)
-            if time.perf_counter() - tick > 10 or step + 1 == self.num_steps:
-                logger.info("ReConPatch representation step %d/%d, loss %.4f", step + 1, self.num_steps, loss.item())
-                tick = time.perf_counter()
+        with fit_progress(self._trainer, "ReConPatch representation", self.num_steps) as update:
+            for step in range(self.num_steps):
+                x = features[torch.randint(n, (batch_size,))].to(self.device)
+                with torch.no_grad():
+                    weights = pseudo_labels(target_g(target_f(x)), self.k, self.alpha, self.sigma)
+                loss = self.loss(online_g(online_f(x)), weights)
+                value = loss.item()
+                if not math.isfinite(value):
+                    msg = (
+                        f"ReConPatch representation training diverged at step {step + 1}/{self.num_steps} "
+                        f"(loss {value}): lower --model.learning_rate or check the training images."
+                    )
+                    raise FloatingPointError(msg)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                ema_update(target_f, online_f, self.momentum)
+                ema_update(target_g, online_g, self.momentum)
+                update(step + 1, loss=value)
+                if time.perf_counter() - tick > 10 or step + 1 == self.num_steps:
+                    logger.info("ReConPatch representation step %d/%d, loss %.4f", step + 1, self.num_steps, value)
+                    tick = time.perf_counter()
         online_f.requires_grad_(False)
 
     def setup(self, stage: str) -> None:
@@ -344,8 +350,15 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         OpenVINO's INT8 convolution is what makes INT8 pay on a CPU without VNNI; FP32 keeps the
         matmul search, its faster form (``search.conv_chunk_distances``).
         """
-        int8 = compression_type in {CompressionType.INT8_PTQ, CompressionType.INT8_ACQ}
-        with self.model.export_form(convolution=int8):
+        if compression_type == CompressionType.INT8_ACQ:
+            msg = (
+                "ReConPatch does not support --compression_type INT8_ACQ: NNCF's accuracy control quantizes the "
+                "whole graph, backbone included, whose shifted features no longer match the FP32 memory bank. "
+                "Use INT8_PTQ (with --data), which quantizes only the memory-bank search, and check its accuracy "
+                "on your test images."
+            )
+            raise ValueError(msg)
+        with self.model.export_form(convolution=compression_type == CompressionType.INT8_PTQ):
             return super().to_openvino(export_root, model_file_name, input_size, compression_type, **kwargs)
 
     def _post_training_quantization_ov(self, model: Any, datamodule: Any = None) -> Any:

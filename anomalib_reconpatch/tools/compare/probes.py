@@ -24,7 +24,7 @@ def latency_images(datamodule: Any, count: int) -> list[torch.Tensor]:
 def image_latency_ms(model: Any, images: list[torch.Tensor]) -> dict[str, float]:
     """Median per-image time of the full forward (pre-processing, model, post-processing) at batch size 1.
 
-    Also split into ``backbone_ms``, ``search_ms`` and ``rest_ms`` (see ``latency.py``), after a warm-up.
+    Also split into ``backbone_ms``, ``search_ms`` and ``rest_ms`` (see ``tools/latency.py``), after a warm-up.
     """
     model.eval()
     gc.collect()

@@ -140,7 +140,7 @@ def run_child(job: Path, result: Path) -> None:
     size = size if isinstance(size, int) else tuple(size)
     paths = {"data": Path(fields["data"]), "out": Path(fields["out"])}
     settings = CompareSettings(**{**fields, **paths, "image_size": size})
-    fix_mmap_threshold()  # the same allocator setting for every run; see memory.py
+    fix_mmap_threshold()  # the same allocator setting for every run; see tools/memory.py
     try:
         run = run_one(spec["name"], settings, spec["seed"], spec["data_config"], partial(print, flush=True))
     except tuple(USER_ERRORS.values()) as error:
