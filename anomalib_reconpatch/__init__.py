@@ -17,7 +17,17 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    """Import the model on first use, so ``reconpatch predict`` runs on OpenVINO without torch and anomalib."""
+    """Import the model on first use, so ``reconpatch predict`` runs on OpenVINO without torch and anomalib.
+
+    Args:
+        name (str): The attribute asked for.
+
+    Returns:
+        Any: The ``ReConPatch`` Lightning model class or the ``ReConPatchModel`` torch model class.
+
+    Raises:
+        AttributeError: For any other name.
+    """
     if name == "ReConPatch":
         from .reconpatch.lightning_model import ReConPatch
 

@@ -3,11 +3,13 @@
 Same selections as anomalib's :class:`KCenterGreedy` (start point, then repeatedly the point
 farthest from all chosen centres), but points are grouped into small balls first, and a ball
 whose lower bound ``||c - centre_b|| - radius_b`` already exceeds its largest current distance
-cannot change when a new centre ``c`` is added (triangle inequality), so it is skipped. On real
-patch features most balls are skipped after the first few hundred selections, which turns the
-memory-bound full scan of every step into a scan of a few balls. Inside those, the same bound per
-point (its own distance to the ball's centre) leaves only a few rows to read
-(``benchmarks/coreset.py`` prints the time and the coverage radius).
+cannot change when a new centre ``c`` is added (triangle inequality), so it is skipped. On
+clustered patch features most balls are skipped once a few hundred centres are chosen, which turns
+the memory-bound full scan of every step into a scan of a few balls. Inside those, the same bound
+per point (its own distance to the ball's centre) leaves only a few rows to read. How much is
+skipped depends on how clustered the patches are; the measurements, on clustered and on diffuse
+data, are in ``docs/design/coreset-pruning.md`` (``benchmarks/coreset.py`` prints the time and the
+coverage radius on any machine).
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ PROGRESS_EVERY = 64  # selections between progress reports: a report costs far l
 
 
 def _balls(features: torch.Tensor, ball_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group rows into balls of at most ``ball_size`` nearby points: returns (padded row index, valid mask)."""
+    """Group rows into balls of at most ``ball_size`` nearby points.
+
+    Two k-means passes with ``N // ball_size`` centres; clusters larger than ``ball_size`` are split.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: A ``balls x ball_size`` row index (padding slots hold row 0) and the
+        mask of its valid slots.
+    """
     n = features.shape[0]
     n_clusters = max(1, n // ball_size)
     centres = features[torch.randperm(n, generator=generator)[:n_clusters]]
@@ -63,10 +72,36 @@ def greedy_k_center(
     generator: torch.Generator | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Indices of ``n_select`` rows chosen by greedy k-center, starting at row ``start``.
+    """Select ``n_select`` rows by greedy k-center, starting at row ``start``.
 
     Exact: every step picks the row whose distance to the nearest chosen row is largest, as a
-    brute-force scan would (up to ties and float rounding of equal distances).
+    brute-force scan would (up to ties and float rounding of equal distances). Balls of nearby rows
+    and the triangle inequality let most steps skip most rows (see ``docs/design/coreset-pruning.md``).
+    The loop logs how many balls it scans per step every 10 seconds.
+
+    Args:
+        features (torch.Tensor): ``N x D`` rows; non-float rows are converted to float32.
+        n_select (int): Number of rows to select, in ``(0, N]``.
+        start (int): Index of the first selected row.
+        ball_size (int): Largest number of rows in one ball.
+        generator (torch.Generator | None): Random generator of the ball clustering; None uses one
+            seeded with 0.
+        progress (Callable[[int], None] | None): Called with the number of rows selected so far, every
+            ``PROGRESS_EVERY`` selections and once at the end.
+
+    Returns:
+        torch.Tensor: The ``n_select`` selected row indices (int64), in the order they were chosen.
+
+    Raises:
+        ValueError: If ``n_select`` is not in ``(0, N]``.
+
+    Example:
+        The row farthest from the start is chosen next:
+
+        >>> import torch
+        >>> features = torch.tensor([[0.0], [1.0], [10.0]])
+        >>> greedy_k_center(features, n_select=2, start=0)
+        tensor([0, 2])
     """
     n = features.shape[0]
     if not 0 < n_select <= n:
@@ -130,10 +165,28 @@ def greedy_k_center(
 
 
 class FastKCenterGreedy:
-    """Drop-in for anomalib's ``KCenterGreedy``: same constructor and ``sample_coreset``; exact and much faster.
+    """Drop-in for anomalib's ``KCenterGreedy``: same constructor and ``sample_coreset``, exact and faster.
 
-    Unlike anomalib's, it runs on the features themselves (no random projection): the greedy
-    radius is then measured in the very metric the nearest-neighbour scores use.
+    The selection is :func:`greedy_k_center`, which skips the distance updates that the triangle
+    inequality proves useless. Unlike anomalib's, it runs on the features themselves (no random
+    projection): the greedy radius is then measured in the very metric the nearest-neighbour scores
+    use. See ``docs/design/coreset-pruning.md``.
+
+    Args:
+        embedding (torch.Tensor): ``N x D`` patch features.
+        sampling_ratio (float): Fraction of the rows to keep; the coreset has ``int(N * sampling_ratio)`` rows.
+
+    Raises:
+        ValueError: If the ratio selects no row.
+
+    Example:
+        >>> import torch
+        >>> embedding = torch.tensor([[0.0], [1.0], [10.0], [11.0]])
+        >>> sampler = FastKCenterGreedy(embedding, sampling_ratio=0.5)
+        >>> sampler.sample_coreset().shape
+        torch.Size([2, 1])
+        >>> sorted(index // 2 for index in sampler.select_coreset_idxs())  # one row of each pair
+        [0, 1]
     """
 
     def __init__(self, embedding: torch.Tensor, sampling_ratio: float) -> None:
@@ -147,14 +200,17 @@ class FastKCenterGreedy:
             raise ValueError(msg)
 
     def select_coreset_idxs(self, progress: Callable[[int], None] | None = None) -> list[int]:
-        """Greedy k-center indices; the start point is drawn from torch's global RNG, as anomalib does.
+        """Select the coreset's row indices by greedy k-center.
+
+        The start point is drawn from torch's global RNG, as anomalib does, and also seeds the ball
+        clustering, so ``torch.manual_seed`` fixes both.
 
         Args:
-            progress: called now and then with the number of points selected so far.
+            progress (Callable[[int], None] | None): Called now and then with the number of points
+                selected so far.
 
         Returns:
-            The ``coreset_size`` selected row indices, in the order they were chosen.
-
+            list[int]: The ``coreset_size`` selected row indices, in the order they were chosen.
         """
         start = int(torch.randint(high=self.embedding.shape[0], size=(1,)))
         generator = torch.Generator().manual_seed(start)
@@ -163,13 +219,13 @@ class FastKCenterGreedy:
         ).tolist()
 
     def sample_coreset(self, progress: Callable[[int], None] | None = None) -> torch.Tensor:
-        """The selected rows of the embedding.
+        """Select the coreset and return its rows of the embedding.
 
         Args:
-            progress: called now and then with the number of points selected so far.
+            progress (Callable[[int], None] | None): Called now and then with the number of points
+                selected so far.
 
         Returns:
-            ``coreset_size x D`` rows of the embedding.
-
+            torch.Tensor: ``coreset_size x D`` rows of the embedding.
         """
         return self.embedding[self.select_coreset_idxs(progress)]

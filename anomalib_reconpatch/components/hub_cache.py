@@ -14,7 +14,12 @@ LITE_VARIANTS = (0, 1, 2)
 
 
 def hf_hub_cache() -> Path:
-    """The hub cache folder that huggingface_hub uses (honours HF_HUB_CACHE and HF_HOME)."""
+    """Find the hub cache folder that huggingface_hub uses.
+
+    Returns:
+        Path: ``HF_HUB_CACHE`` if set, else ``HF_HOME/hub``, else ``XDG_CACHE_HOME/huggingface/hub``
+        (``~/.cache/huggingface/hub`` by default), with ``~`` expanded.
+    """
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     hf_home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
@@ -22,5 +27,12 @@ def hf_hub_cache() -> Path:
 
 
 def repo_cache_dir(repo_id: str) -> Path:
-    """Cache folder of one model repository, in huggingface_hub's layout."""
+    """Locate one model repository's folder in the hub cache, in huggingface_hub's layout.
+
+    Args:
+        repo_id (str): Hub repository id, e.g. ``timm/tf_efficientnet_lite0.in1k``.
+
+    Returns:
+        Path: ``<hub cache>/models--<owner>--<name>``.
+    """
     return hf_hub_cache() / ("models--" + repo_id.replace("/", "--"))

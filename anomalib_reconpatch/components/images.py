@@ -1,7 +1,8 @@
 """Reading one image file as training and ``reconpatch predict`` do, without torch or anomalib.
 
-``reconpatch predict`` imports only this, numpy, PIL and OpenVINO: on a line PC it then needs a
-fraction of the memory and start-up time that importing torch and anomalib costs.
+``reconpatch predict`` imports only this, numpy, PIL and OpenVINO, so on a line PC it does not pay
+the memory and start-up time of importing torch and anomalib. Keep this module free of both; the
+measurements are in ``docs/design/preflight-and-predict.md``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+"""PIL modes of 16-bit grayscale images (PIL opens some as 32-bit ``I``); ``convert("RGB")`` would clip them."""
 
 
 class UnreadableImageError(ValueError):
@@ -18,7 +20,16 @@ class UnreadableImageError(ValueError):
 
 
 def image_problem(path: str | Path) -> tuple[str | None, str | None, tuple[int, int] | None]:
-    """Decode ``path`` fully; return (problem or None, PIL mode, (height, width))."""
+    """Decode ``path`` fully and say why it cannot be used, if it cannot.
+
+    Args:
+        path (str | Path): Image file.
+
+    Returns:
+        tuple[str | None, str | None, tuple[int, int] | None]: The problem in words (the file is missing,
+        empty, not an image, or corrupt or truncated) or None for a readable image; the PIL mode; and
+        ``(height, width)``. Mode and size are None for an unreadable file.
+    """
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -37,7 +48,27 @@ def image_problem(path: str | Path) -> tuple[str | None, str | None, tuple[int, 
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """``H x W x 3`` float32 in [0, 1]: anomalib's conversion, except 16-bit grayscale is scaled, not clipped."""
+    """Read an image as ``H x W x 3`` float32 in [0, 1], scaling 16-bit grayscale instead of clipping it.
+
+    Other images get anomalib's conversion (``convert("RGB")``, divided by 255), so training, testing and
+    ``reconpatch predict`` see the same values; 16-bit grayscale is divided by 65535 and repeated over
+    three channels.
+
+    Args:
+        path (str | Path): Image file.
+
+    Returns:
+        np.ndarray: ``H x W x 3`` float32 array in [0, 1].
+
+    Raises:
+        OSError: For a missing, truncated or non-image file; PIL raises other types for some corrupt data.
+            :func:`image_problem` names the cause.
+
+    Example:
+        >>> image = read_image("datasets/MVTecAD/bottle/train/good/000.png")  # doctest: +SKIP
+        >>> image.shape, image.dtype  # doctest: +SKIP
+        ((900, 900, 3), dtype('float32'))
+    """
     from PIL import Image
 
     with Image.open(path) as image:

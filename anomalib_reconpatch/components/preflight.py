@@ -2,10 +2,10 @@
 
 Why here: anomalib reads each image inside the dataloader, so a broken file surfaces as a bare
 PIL traceback (often from a worker process) after minutes of feature extraction or training. A
-full decode of every image up front costs about 2 ms per 320 px PNG (0.4 s for the 209 MVTec AD
-bottle training images) and names every bad file at once. The scan also finds 16-bit grayscale
-images, which anomalib's ``read_image`` turns almost white (PIL's ``convert("RGB")`` clips values
-above 255); those are scaled to [0, 1] instead.
+full decode of every image up front is cheap next to that work and names every bad file at once
+(the cost per image is measured in ``docs/design/preflight-and-predict.md``). The scan also finds
+16-bit grayscale images, which anomalib's ``read_image`` turns almost white (PIL's
+``convert("RGB")`` clips values above 255); those are scaled to [0, 1] instead.
 """
 
 from __future__ import annotations
@@ -25,11 +25,18 @@ from .images import SIXTEEN_BIT_MODES, UnreadableImageError, image_problem, read
 logger = logging.getLogger(__name__)
 
 MAX_LISTED = 10
+"""Unreadable files named in the error; the rest are counted."""
 
 
 @dataclass
 class ImageScan:
-    """What a scan found: unreadable files (path, reason), 16-bit images and the first image's size."""
+    """What a scan found: unreadable files, 16-bit images and the first image's size.
+
+    Attributes:
+        bad (list[tuple[str, str]]): ``(path, reason)`` of every unreadable file, in scan order.
+        sixteen_bit (set[str]): Paths of the 16-bit grayscale images.
+        first_size (tuple[int, int] | None): ``(height, width)`` of the first readable image, or None.
+    """
 
     bad: list[tuple[str, str]] = field(default_factory=list)
     sixteen_bit: set[str] = field(default_factory=set)
@@ -37,7 +44,14 @@ class ImageScan:
 
 
 def scan_images(paths: Iterable[str | Path]) -> ImageScan:
-    """Decode every file once (duplicates skipped); collect the unreadable and the 16-bit ones."""
+    """Decode every file once and collect the unreadable and the 16-bit ones.
+
+    Args:
+        paths (Iterable[str | Path]): Image and mask files; a path seen before is skipped.
+
+    Returns:
+        ImageScan: What the scan found.
+    """
     scan, seen = ImageScan(), set()
     for path in paths:
         key = str(path)
@@ -55,7 +69,16 @@ def scan_images(paths: Iterable[str | Path]) -> ImageScan:
 
 
 def raise_if_unreadable(scan: ImageScan, what: str) -> None:
-    """One error that names every unreadable file (the first ``MAX_LISTED``) and says what to do."""
+    """Raise one error that names the unreadable files and says what to do; return if there are none.
+
+    Args:
+        scan (ImageScan): The scan to report.
+        what (str): What the files are, for the message (e.g. ``"data (train_data, val_data)"``).
+
+    Raises:
+        UnreadableImageError: If the scan found unreadable files; the first ``MAX_LISTED`` are listed
+            with their reasons and the rest counted.
+    """
     if not scan.bad:
         return
     listed = "\n".join(f"  {path}: {reason}" for path, reason in scan.bad[:MAX_LISTED])
@@ -74,6 +97,10 @@ class SixteenBitScaled(torch.utils.data.Dataset):
     wrapped dataset unchanged, so only data sets that contain 16-bit images are ever wrapped. The
     dataset's augmentations must be resizes only (anomalib's default: the model's ``Resize``), so
     that applying them to the re-read image alone keeps it aligned with the already resized mask.
+
+    Args:
+        dataset (Any): The anomalib dataset to wrap.
+        paths (set[str]): Paths of its 16-bit images, re-read with :func:`read_image`.
     """
 
     def __init__(self, dataset: Any, paths: set[str]) -> None:
@@ -85,7 +112,7 @@ class SixteenBitScaled(torch.utils.data.Dataset):
 
     @property
     def augmentations(self) -> Any:
-        """The wrapped dataset's: anomalib's datamodule sets them on its subsets after set-up."""
+        """The wrapped dataset's augmentations: anomalib's datamodule sets them on its subsets after set-up."""
         return getattr(self.dataset, "augmentations", None)
 
     @augmentations.setter
@@ -108,7 +135,14 @@ class SixteenBitScaled(torch.utils.data.Dataset):
 
 
 def only_resizes(transform: Any) -> bool:
-    """True for no transform, a ``Resize``, or a ``Compose`` of those: deterministic, shape-only transforms."""
+    """Whether a transform only resizes: deterministic and shape-only, so it can be re-applied to one image.
+
+    Args:
+        transform (Any): A torchvision v2 transform, or None.
+
+    Returns:
+        bool: True for None, a ``Resize``, or a ``Compose`` of those (nested ones included).
+    """
     from torchvision.transforms.v2 import Compose, Resize
 
     if transform is None or isinstance(transform, Resize):
@@ -117,10 +151,17 @@ def only_resizes(transform: Any) -> bool:
 
 
 def sample_paths(dataset: Any) -> list[str]:
-    """Image and mask paths that an anomalib dataset will read (its ``samples`` table); empty for other datasets.
+    """List the image and mask paths that an anomalib dataset will read, from its ``samples`` table.
 
     anomalib reads a mask only for an anomalous image of a segmentation data set, so other rows' mask
     paths are left out: BTAD's table, say, names a mask for every normal training image, and none exists.
+
+    Args:
+        dataset (Any): An anomalib dataset, or any other dataset.
+
+    Returns:
+        list[str]: Every image path, then the mask paths of the anomalous images; empty for a dataset
+        without a ``samples`` table holding ``image_path``.
     """
     samples = getattr(dataset, "samples", None)
     if samples is None or "image_path" not in samples:
@@ -133,10 +174,23 @@ def sample_paths(dataset: Any) -> list[str]:
 
 
 def check_datamodule(datamodule: Any, splits: Sequence[str]) -> ImageScan:
-    """Scan the named dataset attributes (``train_data``, ``val_data``, ...) and fix 16-bit reading.
+    """Scan the named datasets of a datamodule and fix the reading of their 16-bit images.
 
-    Raises :class:`UnreadableImageError` naming every unreadable file. Datasets that are not
-    anomalib datasets (no ``samples`` table) are left alone.
+    Every dataset that holds 16-bit images is replaced on the datamodule by a :class:`SixteenBitScaled`
+    wrapper (one already wrapped is left as it is). Datasets that are not anomalib datasets (no
+    ``samples`` table) are left alone.
+
+    Args:
+        datamodule (Any): The anomalib datamodule.
+        splits (Sequence[str]): Names of its dataset attributes (``train_data``, ``val_data``, ...);
+            missing or None ones are skipped.
+
+    Returns:
+        ImageScan: What the scan found over all the named datasets.
+
+    Raises:
+        UnreadableImageError: If any image or mask cannot be read; every unreadable file is named.
+        ValueError: If a dataset with 16-bit images has augmentations other than resizes.
     """
     present = [(name, getattr(datamodule, name)) for name in splits if getattr(datamodule, name, None) is not None]
     scan = scan_images(path for _, dataset in present for path in sample_paths(dataset))
@@ -168,20 +222,33 @@ STAGE_SPLITS = {
     "test": ("test_data",),
     "predict": ("test_data",),
 }
+"""The datamodule's datasets that each Lightning stage reads."""
 
 
 def preflight(module: Any, stage: str) -> ImageScan | None:
     """Scan the images of ``stage``'s splits from a model's ``setup`` hook, so unreadable files fail early.
 
     Only anomalib datamodules are scanned; with bare dataloaders (no datamodule) there is nothing to list.
+    16-bit images found are scaled from then on (see :func:`check_datamodule`); ``setup`` runs before
+    Lightning builds the dataloaders, so the wrapped datasets are the ones read.
 
     Args:
-        module: the Lightning module whose trainer holds the datamodule.
-        stage: Lightning's stage (``fit``, ``validate``, ``test`` or ``predict``).
+        module (Any): The Lightning module whose trainer holds the datamodule.
+        stage (str): Lightning's stage (``fit``, ``validate``, ``test`` or ``predict``).
 
     Returns:
-        What the scan found, or None when the trainer has no datamodule.
+        ImageScan | None: What the scan found, or None when the trainer has no datamodule.
 
+    Raises:
+        UnreadableImageError: If any image or mask of the stage cannot be read; every such file is named.
+        ValueError: If 16-bit images meet augmentations other than resizes.
+
+    Example:
+        >>> from anomalib.models import AnomalibModule
+        >>> class MyModel(AnomalibModule):  # doctest: +SKIP
+        ...     def setup(self, stage: str) -> None:
+        ...         super().setup(stage)
+        ...         preflight(self, stage)
     """
     trainer = getattr(module, "_trainer", None)
     datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None

@@ -2,7 +2,8 @@
 
 The file lives in a fresh directory under the system temporary folder (``TMPDIR``), never next to the
 user's data or results. It is removed by :meth:`FeatureSpill.close`, and by a finalizer when the object
-is collected or the interpreter exits, so an interrupted fit does not leave it behind.
+is collected or the interpreter exits, so an interrupted fit does not leave it behind. Why and when
+features spill: ``docs/design/feature-spill.md``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ class SpilledFeatures:
 
     Every read maps the file afresh and unmaps it afterwards, so pages touched by earlier reads do not
     stay in this process's resident memory.
+
+    Args:
+        path (Path): The spill file.
+        rows (int): Number of rows ``N`` in the file.
+        dim (int): Row length ``D``.
+
+    Attributes:
+        path (Path): The spill file.
+        shape (torch.Size): ``(N, D)``, as a tensor's.
     """
 
     def __init__(self, path: Path, rows: int, dim: int) -> None:
@@ -33,20 +43,62 @@ class SpilledFeatures:
         return self.shape[0]
 
     def _map(self) -> np.memmap:
+        """Map the whole file read-only; the map is released when the returned array is."""
         return np.memmap(self.path, dtype=np.float32, mode="r", shape=tuple(self.shape))
 
     def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
-        """Rows ``index`` (a 1-D integer tensor), copied into a new tensor in that order."""
+        """Read rows ``index``, copied into a new tensor in that order.
+
+        Args:
+            index (torch.Tensor): 1-D integer tensor of row indices.
+
+        Returns:
+            torch.Tensor: ``len(index) x D`` float32 rows.
+        """
         return torch.from_numpy(self._map()[index.numpy()])
 
     def split(self, size: int) -> Iterator[torch.Tensor]:
-        """Consecutive chunks of at most ``size`` rows, one in memory at a time."""
+        """Read the rows in consecutive chunks, one chunk in memory at a time.
+
+        Args:
+            size (int): Largest number of rows in a chunk.
+
+        Yields:
+            torch.Tensor: The next chunk of at most ``size x D`` float32 rows.
+        """
         for start in range(0, len(self), size):
             yield torch.from_numpy(np.array(self._map()[start : start + size]))
 
 
 class FeatureSpill:
-    """An append-only float32 row file in its own temporary directory."""
+    """An append-only float32 row file in its own temporary directory.
+
+    Holds training patch features beyond the memory budget: rows are appended as they come, then read
+    back through :class:`SpilledFeatures` without loading the whole file.
+
+    Args:
+        dim (int): Row length ``D``; every appended row must have it.
+        directory (str | Path | None): Where to create the temporary directory; None uses ``TMPDIR``.
+
+    Attributes:
+        dim (int): Row length.
+        rows (int): Rows written so far.
+        folder (Path): The temporary directory (``reconpatch-features-*``).
+        path (Path): The row file, ``features.f32`` in ``folder``.
+
+    Example:
+        >>> import torch
+        >>> spill = FeatureSpill(dim=4)
+        >>> spill.append(torch.ones(3, 4))
+        >>> spill.append(torch.zeros(2, 4))
+        >>> features = spill.features()
+        >>> features.shape
+        torch.Size([5, 4])
+        >>> features[torch.tensor([4, 0])]
+        tensor([[0., 0., 0., 0.],
+                [1., 1., 1., 1.]])
+        >>> spill.close()
+    """
 
     def __init__(self, dim: int, directory: str | Path | None = None) -> None:
         self.dim = dim
@@ -57,7 +109,14 @@ class FeatureSpill:
         self._cleanup = weakref.finalize(self, _remove, self._file, self.folder)
 
     def append(self, rows: torch.Tensor) -> None:
-        """Write ``n x dim`` rows at the end of the file."""
+        """Write rows at the end of the file, as float32.
+
+        Args:
+            rows (torch.Tensor): ``n x dim`` rows, on any device and of any float dtype.
+
+        Raises:
+            ValueError: If ``rows`` is not ``n x dim``.
+        """
         if rows.ndim != 2 or rows.shape[1] != self.dim:
             msg = f"Spilled feature rows must be n x {self.dim}, got {tuple(rows.shape)}."
             raise ValueError(msg)
@@ -65,15 +124,20 @@ class FeatureSpill:
         self.rows += rows.shape[0]
 
     def features(self) -> SpilledFeatures:
-        """Finish writing and return the rows for reading."""
+        """Flush what was written and return the rows for reading.
+
+        Returns:
+            SpilledFeatures: The ``rows x dim`` rows written so far.
+        """
         self._file.flush()
         return SpilledFeatures(self.path, self.rows, self.dim)
 
     def close(self) -> None:
-        """Delete the file and its directory (idempotent)."""
+        """Delete the file and its directory; calling it again does nothing."""
         self._cleanup()
 
 
 def _remove(file: BinaryIO, folder: Path) -> None:
+    """Close the row file and delete its directory (the finalizer of :class:`FeatureSpill`)."""
     file.close()
     shutil.rmtree(folder, ignore_errors=True)

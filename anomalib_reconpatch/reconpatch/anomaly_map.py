@@ -1,7 +1,16 @@
 """From patch distances to an anomaly map, as in PatchCore.
 
 The map is anomalib's PatchCore generator (nearest upsampling, Gaussian blur sigma=4) with the
-blur applied as two 1-D passes. The image score, like PatchCore's, is computed in ``torch_model``.
+blur applied as two 1-D passes, returned as ``B x H x W``. Neither change alters the map's values
+(see ``docs/design/anomaly-map.md``). The image score, like PatchCore's, is computed in
+``torch_model``.
+
+Example:
+    >>> import torch
+    >>> from anomalib_reconpatch.reconpatch.anomaly_map import AnomalyMapGenerator
+    >>> generator = AnomalyMapGenerator(sigma=4)
+    >>> generator(torch.rand(2, 1, 32, 32), image_size=(256, 256)).shape
+    torch.Size([2, 256, 256])
 """
 
 from __future__ import annotations
@@ -18,12 +27,20 @@ class SeparableGaussianBlur2d(GaussianBlur2d):
     """anomalib's Gaussian blur, run as a column pass then a row pass of its own kernel's factors.
 
     The 2-D Gaussian is the outer product of its row and column sums, so the output equals the 33x33
-    convolution up to rounding at a fifteenth of the work (the FP32 export ran 1.06x faster,
-    benchmarks/ir_timing.py). The kernel buffer is anomalib's, so checkpoints keep their keys.
+    convolution up to rounding with 66 instead of 1,089 multiply-adds per pixel (see
+    ``docs/design/anomaly-map.md``). The kernel buffer is anomalib's, so checkpoints keep their keys.
+    Takes ``GaussianBlur2d``'s arguments.
     """
 
     def forward(self, input_tensor: torch.Tensor) -> torch.Tensor:
-        """Blur ``B x C x H x W`` maps with reflect padding; the output has the input's shape."""
+        """Blur maps with the separable kernel.
+
+        Args:
+            input_tensor (torch.Tensor): ``B x C x H x W`` maps, ``C`` the blur's ``channels``.
+
+        Returns:
+            torch.Tensor: The blurred maps, padded with ``border_type`` (reflect by default), in the input's shape.
+        """
         padded = F.pad(input_tensor, self.padding_shape, mode=self.border_type)
         column = self.kernel.sum(dim=3, keepdim=True)
         row = self.kernel.sum(dim=2, keepdim=True)
@@ -33,10 +50,19 @@ class SeparableGaussianBlur2d(GaussianBlur2d):
 class AnomalyMapGenerator(PatchcoreAnomalyMapGenerator):
     """anomalib's PatchCore anomaly map generator with the separable blur, returning ``B x H x W`` maps.
 
-    ``B x H x W`` is the shape anomalib's batches hold the map in. In INT8 graphs OpenVINO's CPU plugin
-    ran the post-processing's element-wise ops on PatchCore's ``B x 1 x H x W`` map channels-last, where
-    ``Greater`` and ``Select`` took 1.2 ms each (benchmarks/export.py's op profile); on the 3-D map the
-    INT8 model ran 1.13x faster (benchmarks/ir_timing.py).
+    ``B x H x W`` is the shape anomalib's batches hold the map in. With PatchCore's ``B x 1 x H x W``
+    map, OpenVINO's CPU plugin ran the exported post-processing's element-wise ops in a slow
+    channels-last layout, so the map is returned without its channel axis (see
+    ``docs/design/anomaly-map.md``).
+
+    Args:
+        sigma (int): Standard deviation of the Gaussian blur, in pixels. Defaults to ``4``.
+
+    Example:
+        >>> import torch
+        >>> from anomalib_reconpatch.reconpatch.anomaly_map import AnomalyMapGenerator
+        >>> AnomalyMapGenerator()(torch.rand(1, 1, 28, 28), image_size=(224, 224)).shape
+        torch.Size([1, 224, 224])
     """
 
     def __init__(self, sigma: int = 4) -> None:
@@ -47,5 +73,14 @@ class AnomalyMapGenerator(PatchcoreAnomalyMapGenerator):
     def forward(
         self, patch_scores: torch.Tensor, image_size: tuple[int, int] | torch.Size | None = None
     ) -> torch.Tensor:
-        """``B x 1 x h x w`` patch scores -> ``B x H x W`` blurred map at ``image_size``."""
+        """Upsample patch scores to the image size and blur them.
+
+        Args:
+            patch_scores (torch.Tensor): ``B x 1 x h x w`` nearest-neighbour distances of the patches.
+            image_size (tuple[int, int] | torch.Size | None): ``(H, W)`` to upsample to; None keeps
+                ``h x w``. Defaults to ``None``.
+
+        Returns:
+            torch.Tensor: ``B x H x W`` anomaly maps.
+        """
         return self.compute_anomaly_map(patch_scores, image_size)[:, 0]

@@ -1,12 +1,34 @@
 """ReConPatch as an anomalib model (Hyun et al., WACV 2024).
 
+ReConPatch learns, on the normal images alone, a linear representation ``f`` of PatchCore's patch
+features in which similar patches sit closer, and scores test patches by their distance to a
+coreset memory bank of ``f(features)``.
+
 Training has three phases inside one Lightning epoch:
+
 1. ``training_step`` runs the frozen backbone once over every training image and keeps the
    PatchCore patch features (the backbone never runs again).
 2. ``fit`` trains the linear representation ``f`` and projection ``g`` on random mini-batches of
    those patches with the relaxed contrastive loss; pseudo-labels come from EMA copies of f and g.
 3. ``fit`` then builds the memory bank: a greedy k-center coreset of ``f(patch features)``, and folds
    the bank's mean and a random rotation into ``f`` and the bank (same distances, less FP32 cancellation).
+
+Paper: https://arxiv.org/abs/2305.16713
+
+Example:
+    >>> from anomalib.data import MVTecAD
+    >>> from anomalib.engine import Engine
+    >>> from anomalib_reconpatch.reconpatch import ReConPatch
+    >>> datamodule = MVTecAD(root="datasets/MVTecAD", category="bottle")  # doctest: +SKIP
+    >>> model = ReConPatch(backbone="tf_efficientnet_lite0", layers=["blocks.2", "blocks.4"])  # doctest: +SKIP
+    >>> engine = Engine()  # doctest: +SKIP
+    >>> engine.fit(model=model, datamodule=datamodule)  # doctest: +SKIP
+    >>> predictions = engine.predict(model=model, datamodule=datamodule)  # doctest: +SKIP
+
+See Also:
+    - :class:`anomalib_reconpatch.reconpatch.torch_model.ReConPatchModel`: the torch model, whose
+      eval forward is what exports trace.
+    - ``docs/design/``: one page per design decision, with its evidence.
 """
 
 from __future__ import annotations
@@ -57,32 +79,77 @@ NON_FINITE = "The backbone produced NaN or inf patch features: check the trainin
 class ReConPatch(MemoryBankMixin, AnomalibModule):
     """ReConPatch: contrastive patch representation learning on top of PatchCore features.
 
-    Args:
-        backbone: timm backbone (frozen). ``tf_efficientnet_lite0`` works offline after ``reconpatch weights``.
-        layers: backbone layers whose features are concatenated.
-        pre_trained: load ImageNet weights for the backbone.
-        embedding_dim: adaptive-average-pool patch features to this size (the paper uses 1024); None keeps all.
-        projection_dim: output size of the projection ``g`` used only by the loss.
-        num_steps: optimizer steps of representation training (0 gives PatchCore in ``f``'s identity space).
-        patches_per_step: patches in each training mini-batch, drawn from all training images.
-        learning_rate: AdamW learning rate (cosine-annealed to 0 over ``num_steps``).
-        weight_decay: AdamW weight decay.
-        k: neighbourhood size of the contextual similarity.
-        alpha: weight of the pairwise similarity; ``1 - alpha`` goes to the contextual one.
-        margin: margin ``m`` of the relaxed contrastive loss, on relative distances.
-        sigma: Gaussian kernel width of the pairwise similarity, in units of the batch's mean squared
-            distance to the k-th neighbour (see the model README for why).
-        momentum: EMA momentum ``gamma`` of the target networks.
-        coreset_sampling_ratio: fraction of training patches kept in the memory bank.
-        num_neighbors: support size of PatchCore's image-score re-weighting.
-        search: nearest-neighbour search of the Python inference path: ``exact`` (torch, the default) or an
-            approximate faiss index, ``hnsw`` or ``ivf`` (built from the bank on first use, never saved).
-            Exported models always use the exact search.
-        feature_memory_mb: most megabytes of training patch features held in RAM; beyond it they are
-            appended to a temporary memory-mapped file (under ``TMPDIR``, removed after fit). The default,
-            2048, keeps usual data sets in RAM (MVTec AD bottle with tf_efficientnet_lite0 needs 130 MB) and
-            bounds larger ones instead of failing; ``null`` never spills.
+    A frozen backbone's patch features are mapped by a linear representation ``f``, trained with the
+    relaxed contrastive loss on pseudo-labels from EMA copies of ``f`` and a projection ``g``; a
+    coreset of ``f(features)`` is the memory bank, and a test patch scores its distance to the nearest
+    bank row. All settings are checked at construction, before the backbone is built.
 
+    Args:
+        backbone (str): timm backbone (frozen). ``tf_efficientnet_lite0`` works offline after
+            ``reconpatch weights``. Defaults to ``"wide_resnet50_2"``.
+        layers (Sequence[str]): Backbone layers whose features are concatenated.
+            Defaults to ``("layer2", "layer3")``.
+        pre_trained (bool): Load ImageNet weights for the backbone. Defaults to ``True``.
+        embedding_dim (int | None): Adaptive-average-pool patch features to this size (the paper uses
+            1024); None keeps all. Defaults to ``None``.
+        projection_dim (int): Output size of the projection ``g``, used only by the loss. Defaults to ``128``.
+        num_steps (int): Optimizer steps of representation training (0 gives PatchCore in ``f``'s identity
+            space). Defaults to ``1000``.
+        patches_per_step (int): Patches in each training mini-batch, drawn from all training images; more
+            than ``k``. Defaults to ``512``.
+        learning_rate (float): AdamW learning rate, cosine-annealed to 0 over ``num_steps``.
+            Defaults to ``1e-3``.
+        weight_decay (float): AdamW weight decay. Defaults to ``1e-2``.
+        k (int): Neighbourhood size of the contextual similarity and of the pairwise kernel's unit.
+            Defaults to ``5``.
+        alpha (float): Weight of the pairwise similarity; ``1 - alpha`` goes to the contextual one.
+            Defaults to ``0.5``.
+        margin (float): Margin ``m`` of the relaxed contrastive loss, on relative distances.
+            Defaults to ``1.0``.
+        sigma (float): Gaussian kernel width of the pairwise similarity, in units of the batch's mean
+            squared distance to the k-th neighbour (see ``docs/design/sigma-units.md``). Defaults to ``1.0``.
+        momentum (float): EMA momentum ``gamma`` of the target networks. Defaults to ``0.999``.
+        coreset_sampling_ratio (float): Fraction of training patches kept in the memory bank.
+            Defaults to ``0.1``.
+        num_neighbors (int): Support size of PatchCore's image-score re-weighting. Defaults to ``9``.
+        search (str): Nearest-neighbour search of the Python inference path: ``exact`` (torch) or an
+            approximate faiss index, ``hnsw`` or ``ivf`` (built from the bank on first use, never saved,
+            each image's top patches refined exactly). Exported models always use the exact search.
+            Defaults to ``"exact"``.
+        feature_memory_mb (int | None): Most megabytes of training patch features held in RAM; beyond it
+            they are appended to a temporary memory-mapped file (under ``TMPDIR``, removed after fit). The
+            default, 2048, keeps usual data sets in RAM (MVTec AD bottle with tf_efficientnet_lite0 needs
+            130 MB) and bounds larger ones instead of failing; ``null`` never spills (see
+            ``docs/design/feature-spill.md``). Defaults to ``2048``.
+        pre_processor (nn.Module | bool): Pre-processor instance or flag; ``True`` builds
+            :meth:`configure_pre_processor`'s. Defaults to ``True``.
+        post_processor (nn.Module | bool): Post-processor instance or flag. Defaults to ``True``.
+        evaluator (Evaluator | bool): Evaluator instance or flag. Defaults to ``True``.
+        visualizer (Visualizer | bool): Visualizer instance or flag. Defaults to ``True``.
+
+    Raises:
+        ValueError: If a setting is out of range; the message names it and the range expected.
+
+    Example:
+        >>> from anomalib.data import MVTecAD
+        >>> from anomalib.engine import Engine
+        >>> from anomalib_reconpatch.reconpatch import ReConPatch
+        >>> datamodule = MVTecAD(root="datasets/MVTecAD", category="bottle")  # doctest: +SKIP
+        >>> model = ReConPatch(  # doctest: +SKIP
+        ...     backbone="tf_efficientnet_lite0",
+        ...     layers=["blocks.2", "blocks.4"],
+        ...     coreset_sampling_ratio=0.1,
+        ... )
+        >>> engine = Engine()  # doctest: +SKIP
+        >>> engine.fit(model=model, datamodule=datamodule)  # doctest: +SKIP
+        >>> engine.test(model=model, datamodule=datamodule)  # doctest: +SKIP
+
+        Export for OpenVINO, INT8 in the bank search only, calibrated on the training images:
+
+        >>> from anomalib.deploy import CompressionType
+        >>> model.to_openvino(  # doctest: +SKIP
+        ...     "results/export", compression_type=CompressionType.INT8_PTQ, datamodule=datamodule
+        ... )
     """
 
     def __init__(
@@ -149,12 +216,22 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         image_size: tuple[int, int] | None = None,
         center_crop_size: tuple[int, int] | None = None,
     ) -> PreProcessor:
-        """Same as PatchCore: resize (default 256x256), optional centre crop, ImageNet normalisation."""
+        """Configure the pre-processor as PatchCore does: resize, optional centre crop, ImageNet normalisation.
+
+        Args:
+            image_size (tuple[int, int] | None): ``(height, width)`` to resize to; None gives 256 x 256.
+                Defaults to ``None``.
+            center_crop_size (tuple[int, int] | None): ``(height, width)`` of the centre crop, or None for
+                no crop. Defaults to ``None``.
+
+        Returns:
+            PreProcessor: PatchCore's pre-processor.
+        """
         return Patchcore.configure_pre_processor(image_size, center_crop_size)
 
     @staticmethod
     def configure_optimizers() -> None:
-        """No Lightning-managed optimizer: ``fit`` trains f and g on cached features.
+        """Configure no Lightning-managed optimizer: ``fit`` trains f and g on cached features.
 
         See :meth:`configure_representation_optimizer` for the optimizer it uses.
         """
@@ -163,13 +240,21 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
     def configure_representation_optimizer(
         self, parameters: list[nn.Parameter]
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-        """AdamW with a cosine schedule over ``num_steps``."""
+        """Build the representation training's optimizer: AdamW with a cosine schedule over ``num_steps``.
+
+        Args:
+            parameters (list[nn.Parameter]): Parameters of ``f`` and ``g``.
+
+        Returns:
+            tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]: The optimizer, with
+            ``learning_rate`` and ``weight_decay``, and its cosine-annealing schedule.
+        """
         optimizer = torch.optim.AdamW(parameters, lr=self.learning_rate, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(self.num_steps, 1))
         return optimizer, scheduler
 
     def on_train_epoch_start(self) -> None:
-        """Start the feature-extraction clock; drop features of an earlier, interrupted run."""
+        """Start the feature-extraction clock and drop features of an earlier, interrupted fit."""
         self.feature_store.clear()
         if self.feature_spill is not None:
             self.feature_spill.close()
@@ -180,7 +265,18 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         """Run the frozen backbone once on the batch and keep its patch features for ``fit``.
 
         Features stay in ``feature_store`` until they would exceed ``feature_memory_mb``; from then on
-        all of them go to a ``FeatureSpill`` file.
+        all of them go to a ``FeatureSpill`` file (see ``docs/design/feature-spill.md``).
+
+        Args:
+            batch (Batch): Training batch; only its images are read.
+            *args: Unused (Lightning's batch index).
+            **kwargs: Unused.
+
+        Returns:
+            torch.Tensor: A dummy zero loss that requires grad, as Lightning expects from a training step.
+
+        Raises:
+            FloatingPointError: If spilled features hold NaN or inf (in-memory ones are checked in ``fit``).
         """
         del args, kwargs
         rows = self.model(batch.image).detach().cpu()
@@ -205,7 +301,13 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         """Train the representation on the stored patch features, then build the coreset memory bank.
 
         Spilled features are read from their file (mini-batches, then the embedding pass in chunks) and
-        the file is deleted at the end, also when training fails.
+        the file is deleted at the end, also when training fails. The bank is then folded into its
+        centred, rotated frame (see ``docs/design/bank-fold.md``), and the phases' durations are kept in
+        ``fit_timings``.
+
+        Raises:
+            ValueError: If no training features were stored, or there are no more than ``k`` of them.
+            FloatingPointError: If the features hold NaN or inf, or training diverges.
         """
         features_s = time.perf_counter() - self._epoch_start
         spill, self.feature_spill = self.feature_spill, None
@@ -245,7 +347,20 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         logger.info("ReConPatch fit: %s, memory bank %s", self.fit_timings, tuple(self.model.memory_bank.shape))
 
     def train_representation(self, features: torch.Tensor | SpilledFeatures) -> None:
-        """Relaxed contrastive training of ``f`` (kept) and ``g`` (discarded) on random patch mini-batches."""
+        """Train ``f`` (kept) and ``g`` (discarded) with the relaxed contrastive loss on random patch mini-batches.
+
+        Each step draws ``patches_per_step`` patches with replacement, computes their pseudo-labels on
+        the EMA target networks, takes one optimizer step on the online networks and updates the
+        targets with ``momentum``. ``f`` is frozen at the end.
+
+        Args:
+            features (torch.Tensor | SpilledFeatures): ``N x D`` training patch features, in memory or
+                spilled to a file.
+
+        Raises:
+            ValueError: If ``N`` is not more than ``k``.
+            FloatingPointError: If the loss becomes NaN or inf.
+        """
         n = features.shape[0]
         if n <= self.k:
             msg = f"ReConPatch needs more than k={self.k} training patches, got {n}: add images or lower --model.k."
@@ -288,7 +403,16 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         """Decode every image (and mask) of the stage's splits and check the data size, before any dataloader.
 
         A bad file is named here, not minutes later in a dataloader worker; ``setup`` is the last hook
-        before Lightning builds the dataloaders, so 16-bit images can still be read correctly.
+        before Lightning builds the dataloaders, so 16-bit images can still be read correctly (see
+        ``docs/design/preflight-and-predict.md``).
+
+        Args:
+            stage (str): Lightning stage (``fit``, ``validate``, ``test`` or ``predict``).
+
+        Raises:
+            ValueError: If an image or mask cannot be read (``UnreadableImageError``, every such file
+                named), 16-bit images meet augmentations other than resizes, or (when fitting) the
+                training set is empty or too small for ``k`` or the coreset ratio.
         """
         super().setup(stage)
         scan = preflight(self, stage)
@@ -296,34 +420,66 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
             check_training_size(self, self.trainer.datamodule, scan)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the architecture apart from ``hyper_parameters``, which loading with overrides rewrites."""
+        """Record the architecture apart from ``hyper_parameters``, which loading with overrides rewrites.
+
+        Args:
+            checkpoint (dict[str, Any]): Checkpoint being saved, updated in place.
+        """
         super().on_save_checkpoint(checkpoint)
         checkpoint[ARCHITECTURE_KEY] = architecture(self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint from another backbone, layer set or feature size, saying what to pass."""
+        """Refuse a checkpoint from another backbone, layer set or feature size, saying what to pass.
+
+        Args:
+            checkpoint (dict[str, Any]): Checkpoint being loaded.
+
+        Raises:
+            ValueError: If the checkpoint's architecture differs from the model's.
+        """
         check_checkpoint_matches(self, checkpoint)
         super().on_load_checkpoint(checkpoint)
 
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
-        """Score a batch: anomaly maps and image scores from nearest memory-bank distances."""
+        """Score a batch: anomaly maps and image scores from nearest memory-bank distances.
+
+        Args:
+            batch (Batch): Validation batch.
+            *args: Unused (Lightning's batch index).
+            **kwargs: Unused.
+
+        Returns:
+            STEP_OUTPUT: The batch with ``pred_score`` and ``anomaly_map`` filled in.
+        """
         del args, kwargs
         predictions = self.model(batch.image)
         return batch.update(**predictions._asdict())
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """One pass over the images (the representation trains inside ``fit``), as PatchCore."""
+        """Trainer settings, as PatchCore's: one pass over the images (the representation trains inside ``fit``).
+
+        Returns:
+            dict[str, Any]: No gradient clipping, one epoch, no sanity validation, one device.
+        """
         return {"gradient_clip_val": 0, "max_epochs": 1, "num_sanity_val_steps": 0, "devices": 1}
 
     @property
     def learning_type(self) -> LearningType:
-        """Trains on normal images only."""
+        """Learning type: one-class, trained on normal images only.
+
+        Returns:
+            LearningType: ``LearningType.ONE_CLASS``.
+        """
         return LearningType.ONE_CLASS
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:
-        """Anomalib's one-class post-processor (adaptive thresholds, min-max normalisation)."""
+        """Configure anomalib's one-class post-processor (adaptive thresholds, min-max normalisation).
+
+        Returns:
+            PostProcessor: anomalib's default post-processor.
+        """
         return PostProcessor()
 
     def to_onnx(
@@ -333,7 +489,20 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         input_size: tuple[int, int] | None = None,
         **kwargs: Any,
     ) -> Path:
-        """Anomalib's ONNX export of ``ReConPatchModel.export_form``'s graph (also ``to_openvino``'s first step)."""
+        """Export to ONNX with anomalib's exporter, tracing ``ReConPatchModel.export_form``'s graph.
+
+        This is also ``to_openvino``'s first step; the search form already set by ``to_openvino`` is kept.
+
+        Args:
+            export_root (Path | str): Output folder.
+            model_file_name (str): Name of the exported model. Defaults to ``"model"``.
+            input_size (tuple[int, int] | None): Fixed ``(height, width)``, or None for dynamic shapes.
+                Defaults to ``None``.
+            **kwargs: Passed on to anomalib's ``to_onnx`` (and on to ``torch.onnx.export``).
+
+        Returns:
+            Path: Path of the exported ``.onnx`` file.
+        """
         with self.model.export_form(convolution=self.model.convolution_search):
             return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
@@ -345,10 +514,28 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         compression_type: CompressionType | None = None,
         **kwargs: Any,
     ) -> Path:
-        """Anomalib's OpenVINO export; INT8 exports trace the bank searches as 1x1 convolutions.
+        """Export to OpenVINO with anomalib's exporter; INT8 exports trace the bank searches as 1x1 convolutions.
 
-        OpenVINO's INT8 convolution is what makes INT8 pay on a CPU without VNNI; FP32 keeps the
-        matmul search, its faster form (``search.conv_chunk_distances``).
+        ``INT8_PTQ`` quantizes only the bank search, in the convolution form that OpenVINO runs fast in
+        INT8, calibrated on the training images; other exports keep the matmul search (see
+        ``docs/design/int8-convolution-search.md``). Compile the result in float32 (see
+        ``docs/design/float32-hint.md``).
+
+        Args:
+            export_root (Path | str): Output folder.
+            model_file_name (str): Name of the exported model. Defaults to ``"model"``.
+            input_size (tuple[int, int] | None): Fixed ``(height, width)``, or None for dynamic shapes.
+                Defaults to ``None``.
+            compression_type (CompressionType | None): ``None`` (FP32), ``FP16``, ``INT8`` or ``INT8_PTQ``;
+                ``INT8_ACQ`` is refused. Defaults to ``None``.
+            **kwargs: Passed on to anomalib's ``to_openvino``: ``INT8_PTQ`` needs ``datamodule``.
+
+        Returns:
+            Path: Path of the exported ``.xml`` file.
+
+        Raises:
+            ValueError: For ``INT8_ACQ``, which would quantize the backbone too, or for ``INT8_PTQ``
+                without a datamodule with training images.
         """
         if compression_type == CompressionType.INT8_ACQ:
             msg = (
@@ -362,7 +549,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
             return super().to_openvino(export_root, model_file_name, input_size, compression_type, **kwargs)
 
     def _post_training_quantization_ov(self, model: Any, datamodule: Any = None) -> Any:
-        """INT8_PTQ hook of anomalib's ExportMixin: quantize only the bank search, calibrated on training images."""
+        """Quantize only the bank search, calibrated on training images (anomalib's ``INT8_PTQ`` hook)."""
         return quantize_on_training_images(model, datamodule)
 
 

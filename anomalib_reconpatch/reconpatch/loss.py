@@ -1,4 +1,9 @@
-"""Relaxed contrastive loss of ReConPatch."""
+"""Relaxed contrastive loss of ReConPatch.
+
+The loss trains the representation on soft pseudo-labels instead of hard positive and negative
+pairs: each pair is pulled together in proportion to its similarity ``w_ij`` and pushed apart to the
+margin in proportion to ``1 - w_ij``, both on distances relative to each anchor's mean distance.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,33 @@ from .similarity import squared_distances
 
 
 def relaxed_contrastive_loss(z: torch.Tensor, weights: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
-    """``L = 1/N sum_i sum_{j != i} [w_ij d_ij^2 + (1 - w_ij) max(0, m - d_ij)^2]``.
+    """Relaxed contrastive loss of a batch of projections against soft pseudo-labels.
 
-    ``d_ij`` is the relative distance ``||z_i - z_j|| / mean_{n != i} ||z_i - z_n||``, which makes the
-    margin independent of the embedding's scale. Pairs ``j = i`` are left out: their distance is
-    zero and its gradient undefined. Gradients flow only through ``z``; ``weights`` is a target.
+    ``L = 1/N sum_i sum_{j != i} [w_ij d_ij^2 + (1 - w_ij) max(0, m - d_ij)^2]``, where ``d_ij`` is the
+    relative distance ``||z_i - z_j|| / mean_{n != i} ||z_i - z_n||``, which makes the margin
+    independent of the embedding's scale. Pairs ``j = i`` are left out: their distance is zero and its
+    gradient undefined. Gradients flow only through ``z``; ``weights`` is a target and is detached.
+
+    Args:
+        z (torch.Tensor): ``N x E`` online projections ``g(f(x))``.
+        weights (torch.Tensor): ``N x N`` pseudo-labels ``w_ij`` in ``[0, 1]`` (see
+            :func:`~anomalib_reconpatch.reconpatch.similarity.pseudo_labels`).
+        margin (float): Margin ``m`` on the relative distances. Defaults to ``1.0``.
+
+    Returns:
+        torch.Tensor: The scalar loss ``L``.
+
+    Example:
+        Two points at relative distance 1: a similar pair costs its squared distance, a dissimilar
+        pair already at the margin costs nothing.
+
+        >>> import torch
+        >>> from anomalib_reconpatch.reconpatch.loss import relaxed_contrastive_loss
+        >>> z = torch.eye(2)
+        >>> relaxed_contrastive_loss(z, torch.ones(2, 2))
+        tensor(1.)
+        >>> relaxed_contrastive_loss(z, torch.zeros(2, 2))
+        tensor(0.)
     """
     n = z.shape[0]
     off_diagonal = ~torch.eye(n, dtype=torch.bool, device=z.device)
@@ -28,12 +55,24 @@ def relaxed_contrastive_loss(z: torch.Tensor, weights: torch.Tensor, margin: flo
 
 
 class RelaxedContrastiveLoss(nn.Module):
-    """Module form of :func:`relaxed_contrastive_loss`, holding the margin."""
+    """Module form of :func:`relaxed_contrastive_loss`, holding the margin.
+
+    Args:
+        margin (float): Margin ``m`` on the relative distances. Defaults to ``1.0``.
+    """
 
     def __init__(self, margin: float = 1.0) -> None:
         super().__init__()
         self.margin = margin
 
     def forward(self, z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Loss of online projections ``z`` against pseudo-label ``weights``."""
+        """Loss of online projections ``z`` against pseudo-label ``weights``.
+
+        Args:
+            z (torch.Tensor): ``N x E`` online projections.
+            weights (torch.Tensor): ``N x N`` pseudo-labels in ``[0, 1]``, used as a target.
+
+        Returns:
+            torch.Tensor: The scalar loss.
+        """
         return relaxed_contrastive_loss(z, weights, self.margin)

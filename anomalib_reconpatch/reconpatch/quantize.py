@@ -1,9 +1,9 @@
 """INT8 post-training quantization of the exported OpenVINO model: the memory-bank search only.
 
-The bank holds FP32 features, so quantizing the backbone moves every test feature off the bank:
-measured on the demo data, all image scores then saturate to one value (AUROC 0.5). The search
-convolutions against the bank are over 90% of the time at coreset ratio 0.1, and quantizing only them
-keeps the backbone's features exact and the distances' ranking.
+The bank holds FP32 features, so quantizing the backbone moves every test feature off the bank and
+all image scores collapse to one value. The search convolutions against the bank are most of the
+inference time at coreset ratio 0.1, and quantizing only them keeps the backbone's features exact and
+the distances' ranking (see ``docs/design/int8-convolution-search.md``).
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ logger = logging.getLogger(__name__)
 
 
 def _consumers(op: Any) -> list[Any]:
-    """The nodes that read any output of ``op``."""
+    """List the nodes that read any output of the OpenVINO node ``op``."""
     return [target.get_node() for output in op.outputs() for target in output.get_target_inputs()]
 
 
 def _searches_bank(op: Any) -> bool:
-    """True for a bank-search convolution: its output (or its bias ``Add``) goes into a minimum.
+    """Tell whether ``op`` is a bank-search convolution: its output (or its bias ``Add``) goes into a minimum.
 
     That is ``ReduceMin`` for the patch search and ``TopK`` (argmin) for the top patch's neighbour.
     """
@@ -31,11 +31,23 @@ def _searches_bank(op: Any) -> bool:
 
 
 def search_only_scope(model: Any) -> Any:
-    """An NNCF ignored scope holding every op except the bank-search convolutions.
+    """Build an NNCF ignored scope holding every op except the bank-search convolutions.
 
     The exported search is one 1x1 convolution per bank chunk followed by a minimum over the bank
     rows (``search.conv_chunk_distances``), and one over the whole bank for the top patch's
     neighbour; the backbone's convolutions and the anomaly map's blur feed no minimum, and stay FP32.
+
+    Args:
+        model (openvino.Model): The exported model, traced with the convolution search
+            (``ReConPatchModel.export_form(convolution=True)``).
+
+    Returns:
+        nncf.IgnoredScope: Every op by name except the ``Convolution`` ops that feed a minimum
+        (``Parameter``, ``Constant`` and ``Result`` are not listed), with validation off.
+
+    Raises:
+        ValueError: If the graph holds no bank-search convolution, as for a model exported before
+            fitting or in the matmul form.
     """
     import nncf
 
@@ -50,10 +62,23 @@ def search_only_scope(model: Any) -> Any:
 
 
 def quantize_on_training_images(model: Any, datamodule: Any, subset_size: int = 300) -> Any:
-    """NNCF INT8 quantization of the bank search, with the datamodule's training images as calibration data.
+    """Quantize the bank search to INT8 with NNCF, calibrated on the datamodule's training images.
 
     Anomalib's default calibrates on the validation split, which holds anomalous images; the
     training images are the distribution the model must represent, and every data set has them.
+
+    Args:
+        model (openvino.Model): The exported model with the convolution search.
+        datamodule (AnomalibDataModule | None): Source of the training images; ``setup("fit")`` is
+            called on it.
+        subset_size (int): Most calibration images. Defaults to ``300``.
+
+    Returns:
+        openvino.Model: The model with its bank-search convolutions in INT8 and all else in FP32.
+
+    Raises:
+        ValueError: If ``datamodule`` is None, its training split is empty, or the graph holds no
+            bank-search convolution.
     """
     if datamodule is None:
         msg = (

@@ -1,8 +1,10 @@
-"""Nearest memory-bank row search for the Python (torch) inference path: exact, or a faiss index.
+"""Nearest memory-bank row search: exact in torch, or a faiss index for the Python inference path.
 
-Exact search stays in torch (``torch_model.nearest_bank_rows``): at batch 1 on a 21,400-row bank it
-measured faster than faiss ``IndexFlatL2`` here (``benchmarks/inference.py``), and it is what the
-ONNX/OpenVINO export traces. faiss serves the approximate options, which only the Python path uses.
+Exact search stays in torch (:func:`nearest_bank_distances`, :func:`nearest_bank_rows`): faiss's
+exact ``IndexFlatL2`` is no faster, and the torch search is what the ONNX/OpenVINO export traces.
+It scans the bank in fixed chunks and keeps distances only. faiss serves the approximate options
+(``hnsw``, ``ivf``), which only the Python path uses, each followed by an exact search of every
+image's most distant patches (see ``docs/design/distance-only-search.md``).
 """
 
 from __future__ import annotations
@@ -20,16 +22,35 @@ HNSW_NEIGHBORS = 32  # graph degree M: the usual accuracy/size trade-off for ~10
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 64
 IVF_LISTS_PER_SQRT_N = 4  # nlist = 4 sqrt(N): about 37 rows a list for a 21,400-row bank
-IVF_NPROBE = 8  # lists scanned per query: 4.0x faster than exact on bottle at recall@1 0.983 (16: 3.0x, 0.995)
+IVF_NPROBE = 8  # inverted lists scanned per query (faiss nprobe): more lists, higher recall, slower search
 
 
 def exporting() -> bool:
-    """True while torch traces or exports the model: then only the pure-torch search may run."""
+    """Tell whether torch is tracing, exporting or compiling the model.
+
+    Then only the pure-torch search may run: a faiss index cannot be traced.
+
+    Returns:
+        bool: True inside ``torch.jit`` tracing, ``torch.export`` or ``torch.compile``.
+    """
     return torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.compiler.is_compiling()
 
 
 def build_index(bank: torch.Tensor, kind: str) -> Any:
-    """A faiss index over the ``M x D`` bank: ``flat`` (exact), ``hnsw`` or ``ivf`` (approximate)."""
+    """Build a faiss index over the memory bank.
+
+    Args:
+        bank (torch.Tensor): ``M x D`` bank rows, copied to float32 on the CPU.
+        kind (str): ``flat`` (exact), ``hnsw`` (graph, ``HNSW_*`` settings) or ``ivf`` (inverted lists,
+            about ``IVF_LISTS_PER_SQRT_N * sqrt(M)`` of them, ``IVF_NPROBE`` scanned), the last two
+            approximate.
+
+    Returns:
+        faiss.Index: The trained index holding every bank row, in bank order.
+
+    Raises:
+        ValueError: If ``kind`` is none of the three.
+    """
     import faiss
 
     rows = np.ascontiguousarray(bank.detach().cpu().numpy(), dtype=np.float32)
@@ -53,38 +74,70 @@ def build_index(bank: torch.Tensor, kind: str) -> Any:
 
 
 def search_index(index: Any, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest indexed row per query as ``(distance, index)``, the same contract as ``nearest_bank_rows``."""
+    """Find the nearest indexed row of each query, with the same contract as :func:`nearest_bank_rows`.
+
+    Args:
+        index (faiss.Index): Index from :func:`build_index`.
+        queries (torch.Tensor): ``N x D`` query rows.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: ``N`` Euclidean distances (not squared) and ``N`` bank row
+        indices, on the queries' device.
+    """
     found = queries.detach().cpu().numpy().astype(np.float32, copy=False)
     squared, nearest = index.search(np.ascontiguousarray(found), 1)
     distances = torch.from_numpy(squared[:, 0]).clamp_min(0).sqrt().to(queries.device)
     return distances, torch.from_numpy(nearest[:, 0]).to(queries.device)
 
 
-# Eager torch at bottle's shapes: 1.2-1.3x faster than 4096 in 5 of 7 runs of benchmarks/search_chunk.py.
+# Bank rows per search chunk: bounds the query-by-bank matrix and keeps the traced chunk count static;
+# the size was chosen by timing several (see docs/design/distance-only-search.md).
 SEARCH_CHUNK = 1024
-REFINE_PATCHES = 16
+REFINE_PATCHES = 16  # patches per image searched exactly first by refine_top_patches; doubled until certified
 
 
 def chunk_distances(embedding: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
-    """``|b|^2 - 2 q.b`` for every query row and bank row of ``part``: one fused matmul-add.
+    """Squared distances less ``|q|^2``: ``|b|^2 - 2 q.b`` for every query and bank row, one fused matmul-add.
 
     ``|q|^2`` is the same for every bank row, so the callers add it after the minimum.
+
+    Args:
+        embedding (torch.Tensor): ``N x D`` query rows ``q``.
+        part (torch.Tensor): ``C x D`` bank rows ``b``.
+
+    Returns:
+        torch.Tensor: ``N x C`` values ``|b|^2 - 2 q.b``.
     """
     return torch.addmm(part.pow(2).sum(-1)[None, :], embedding, part.T, alpha=-2.0)
 
 
 def conv_chunk_distances(columns: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
-    """``chunk_distances`` as a 1x1 convolution with bias, bank rows as filters, on ``1 x D x N x 1`` queries.
+    """:func:`chunk_distances` as a 1x1 convolution with bias, the bank rows as its filters.
 
-    The INT8 export's form: on this AVX2 CPU without VNNI, OpenVINO ran this graph 1.61x faster in
-    INT8 than in FP32, where quantized matmuls had run at 0.78x FP32; in FP32 the matmul is the
-    faster form (1.02x and 1.10x in two runs of benchmarks/export.py).
+    The INT8 export's form: OpenVINO's INT8 1x1 convolution is fast on CPUs where its INT8 matmul is
+    not, and NNCF scales convolution weights per output channel, that is per bank row. FP32 exports
+    keep the matmul form, which the convolution does not beat (see
+    ``docs/design/int8-convolution-search.md``).
+
+    Args:
+        columns (torch.Tensor): ``1 x D x N x 1`` queries, from :func:`as_columns`.
+        part (torch.Tensor): ``C x D`` bank rows; weights ``-2 b``, bias ``|b|^2``.
+
+    Returns:
+        torch.Tensor: ``1 x C x N x 1`` values ``|b|^2 - 2 q.b``.
     """
     return F.conv2d(columns, -2.0 * part[:, :, None, None], part.pow(2).sum(-1))
 
 
 def as_columns(queries: torch.Tensor) -> torch.Tensor:
-    """``N x D`` query rows as the ``1 x D x N x 1`` input of ``conv_chunk_distances``."""
+    """Lay query rows out as the input image of :func:`conv_chunk_distances`.
+
+    Args:
+        queries (torch.Tensor): ``N x D`` query rows.
+
+    Returns:
+        torch.Tensor: ``1 x D x N x 1`` tensor: one image with a channel per feature and a pixel per query.
+    """
     return queries.T.reshape(1, queries.shape[1], -1, 1)
 
 
@@ -96,9 +149,28 @@ def nearest_bank_distances(
     The bank is scanned in fixed chunks so the full query-by-bank distance matrix never exists at
     once (the chunk count is static, which keeps the traced graph shape-agnostic). No index: only
     each image's top patch needs its neighbour (``reweighted_image_score`` finds it), and in the
-    exported graph a minimum with its index (TopK) cost as much as the chunk's matmul, a plain
-    minimum (ReduceMin) a tenth of it (OpenVINO's per-op profile, benchmarks/export.py's model).
-    ``convolution`` scans each chunk with ``conv_chunk_distances`` (same distances).
+    exported graph a minimum with its index (``TopK``) costs much more than a plain minimum
+    (``ReduceMin``; see ``docs/design/distance-only-search.md``).
+
+    Args:
+        embedding (torch.Tensor): ``N x D`` query rows.
+        bank (torch.Tensor): ``M x D`` memory bank.
+        chunk (int): Bank rows per chunk. Defaults to ``SEARCH_CHUNK``.
+        convolution (bool): Scan each chunk with :func:`conv_chunk_distances` (the INT8 export's form,
+            same distances) instead of :func:`chunk_distances`. Defaults to ``False``.
+
+    Returns:
+        torch.Tensor: ``N`` Euclidean distances (not squared).
+
+    Example:
+        >>> import torch
+        >>> from anomalib_reconpatch.reconpatch.search import nearest_bank_distances
+        >>> bank = torch.eye(3)
+        >>> queries = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]])
+        >>> nearest_bank_distances(queries, bank)
+        tensor([0., 1.])
+        >>> nearest_bank_distances(queries, bank, chunk=2, convolution=True)
+        tensor([0., 1.])
     """
     parts = [bank[start : start + chunk] for start in range(0, bank.shape[0], chunk)]
     if convolution:
@@ -113,7 +185,16 @@ def nearest_bank_distances(
 def nearest_bank_rows(
     embedding: torch.Tensor, bank: torch.Tensor, chunk: int = SEARCH_CHUNK
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact nearest bank row for each query row: (distance, index), chunked as ``nearest_bank_distances``."""
+    """Exact nearest bank row of each query row, with its distance, chunked as :func:`nearest_bank_distances`.
+
+    Args:
+        embedding (torch.Tensor): ``N x D`` query rows.
+        bank (torch.Tensor): ``M x D`` memory bank.
+        chunk (int): Bank rows per chunk. Defaults to ``SEARCH_CHUNK``.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: ``N`` Euclidean distances and ``N`` bank row indices.
+    """
     best = best_idx = None
     for start in range(0, bank.shape[0], chunk):
         value, index = chunk_distances(embedding, bank[start : start + chunk]).min(dim=1)
@@ -129,7 +210,21 @@ def nearest_bank_rows(
 
 
 def nearest_rows(queries: torch.Tensor, bank: torch.Tensor, size: int, chunk: int = SEARCH_CHUNK) -> torch.Tensor:
-    """Indices of the ``size`` nearest bank rows of each query row, nearest first (``chunk`` queries at a time)."""
+    """Find the ``size`` nearest bank rows of each query row, nearest first.
+
+    Used for the support of PatchCore's image-score re-weighting, and for the support table of every
+    bank row that exports look up.
+
+    Args:
+        queries (torch.Tensor): ``Q x D`` query rows.
+        bank (torch.Tensor): ``M x D`` memory bank.
+        size (int): Neighbours per query, at most ``M``.
+        chunk (int): Queries per chunk, so at most ``chunk x M`` distances exist at once. Defaults to
+            ``SEARCH_CHUNK``.
+
+    Returns:
+        torch.Tensor: ``Q x size`` bank row indices.
+    """
     parts = queries.split(chunk)
     return torch.cat([chunk_distances(part, bank).topk(size, dim=1, largest=False).indices for part in parts])
 
@@ -141,8 +236,19 @@ def refine_top_patches(queries: torch.Tensor, bank: torch.Tensor, distances: tor
     An approximate neighbour is never closer than the true one, so once the largest exact distance among
     the refined patches is at least the largest approximate distance left unrefined, no other patch can
     hold the image's maximum: the image score (the maximum and its re-weighting) is the exact search's,
-    up to float rounding. Without it, HNSW at 98% recall@1 took bottle's image AUROC from 1.000 to 0.580
-    (benchmarks/inference.py). The anomaly map keeps the approximate distances of the other patches.
+    up to float rounding. Without the refinement, the few neighbours an approximate index misses change
+    image scores and rankings (see ``docs/design/distance-only-search.md``). The anomaly map keeps the
+    approximate distances of the other patches. Each image starts with its ``REFINE_PATCHES`` most
+    distant patches and doubles the count until certified.
+
+    Args:
+        queries (torch.Tensor): ``N x D`` patch embeddings of ``batch`` images, image by image.
+        bank (torch.Tensor): ``M x D`` memory bank.
+        distances (torch.Tensor): ``N`` approximate nearest-bank distances of ``queries``.
+        batch (int): Number of images; each holds ``N // batch`` patches.
+
+    Returns:
+        torch.Tensor: ``N`` distances: exact for the refined patches, the input's elsewhere.
     """
     distances = distances.clone()
     per_image = distances.shape[0] // batch

@@ -1,8 +1,10 @@
 """Pseudo-label similarities of ReConPatch, as small pure functions.
 
-All functions take a batch of ``N`` embeddings (or their distances) and return
-``N x N`` matrices. They are used without gradient: the similarities are targets,
-computed on the EMA copy of the networks.
+The soft targets of the relaxed contrastive loss mix a pairwise similarity (a Gaussian kernel on
+squared distances) and a contextual one (shared k-nearest-neighbour sets with query expansion).
+All functions take a batch of ``N`` embeddings (or their distances) and return ``N x N`` matrices;
+:func:`squared_cross_distances` is also the exportable distance of the memory-bank search. They are
+used without gradient: the similarities are targets, computed on the EMA copy of the networks.
 """
 
 from __future__ import annotations
@@ -11,17 +13,34 @@ import torch
 
 
 def squared_cross_distances(queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``Q x M`` squared distances through one matmul (exportable, unlike ``cdist``), clamped at 0."""
+    """Squared Euclidean distances between two sets of rows, through one matmul.
+
+    ``|q|^2 - 2 q.r + |r|^2`` traces to ONNX and OpenVINO, unlike ``torch.cdist``. Rounding can make
+    it slightly negative, so it is clamped at 0.
+
+    Args:
+        queries (torch.Tensor): ``Q x D`` rows.
+        rows (torch.Tensor): ``M x D`` rows.
+
+    Returns:
+        torch.Tensor: ``Q x M`` squared distances, all ``>= 0``.
+    """
     return (queries.pow(2).sum(-1, keepdim=True) - 2.0 * queries @ rows.T + rows.pow(2).sum(-1)[None, :]).clamp_min(0)
 
 
 def squared_distances(z: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances between all rows of ``z`` (``N x D`` -> ``N x N``): symmetric, 0 on the diagonal.
+    """Squared Euclidean distances between all rows of ``z``, symmetric and 0 on the diagonal.
 
     The rows are centred first: far from the origin, ``|a|^2 - 2 a.b + |b|^2`` cancels to float32
     rounding noise, and four equal rows at 20.6 gave "distances" whose Gaussian similarity was 0.14
-    (found by tests/test_properties.py). The matmul is not exactly symmetric, so it is averaged with
-    its transpose.
+    (found by ``tests/test_properties.py``). The matmul is not exactly symmetric, so it is averaged
+    with its transpose.
+
+    Args:
+        z (torch.Tensor): ``N x D`` embeddings.
+
+    Returns:
+        torch.Tensor: ``N x N`` squared distances: symmetric, ``>= 0``, exactly 0 on the diagonal.
     """
     centred = z - z.mean(dim=0, keepdim=True)
     sq = squared_cross_distances(centred, centred)
@@ -33,7 +52,16 @@ def knn_bandwidth(sq_dist: torch.Tensor, k: int) -> torch.Tensor:
 
     ReConPatch's ``sigma`` is given in units of this value, so that the pairwise
     similarity means the same on any feature scale: the k-th neighbour of a typical
-    patch gets ``exp(-1/sigma)`` whatever the backbone or its layer norms.
+    patch gets ``exp(-1/sigma)`` whatever the backbone or its layer norms
+    (see ``docs/design/sigma-units.md``).
+
+    Args:
+        sq_dist (torch.Tensor): ``N x N`` squared distances with 0 on the diagonal.
+        k (int): Neighbour rank; clamped to ``N - 1``.
+
+    Returns:
+        torch.Tensor: Scalar bandwidth, clamped to the dtype's smallest positive value so that it
+        can divide.
     """
     k = min(k, sq_dist.shape[0] - 1)
     kth = sq_dist.topk(k + 1, dim=1, largest=False).values[:, k]
@@ -41,12 +69,34 @@ def knn_bandwidth(sq_dist: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def pairwise_similarity(sq_dist: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-    """Gaussian kernel on squared distances: ``w^P_ij = exp(-||z_i - z_j||^2 / sigma)``."""
+    """Pairwise similarity ``w^P``: a Gaussian kernel on squared distances.
+
+    ``w^P_ij = exp(-||z_i - z_j||^2 / sigma)``.
+
+    Args:
+        sq_dist (torch.Tensor): ``N x N`` squared distances.
+        sigma (float | torch.Tensor): Kernel width, in the units of ``sq_dist``
+            (:func:`pseudo_labels` passes ``sigma * knn_bandwidth``).
+
+    Returns:
+        torch.Tensor: ``N x N`` similarities in ``(0, 1]``, 1 on the diagonal.
+    """
     return torch.exp(-sq_dist / sigma)
 
 
 def knn_indicator(sq_dist: torch.Tensor, k: int) -> torch.Tensor:
-    """``M_ij = 1`` if ``j`` is among the ``k`` nearest neighbours of ``i`` (``i`` itself included), else 0."""
+    """Indicator matrix of each point's ``k`` nearest neighbours, the point itself included.
+
+    ``M_ij = 1`` if ``j`` is among the ``k`` nearest neighbours of ``i``, else 0. Each point is ranked
+    first among its own neighbours, even among exact duplicates.
+
+    Args:
+        sq_dist (torch.Tensor): ``N x N`` squared distances.
+        k (int): Neighbourhood size; clamped to ``N``.
+
+    Returns:
+        torch.Tensor: ``N x N`` matrix of 0s and 1s with ``k`` ones per row, in ``sq_dist``'s dtype.
+    """
     k = min(k, sq_dist.shape[0])
     self_first = sq_dist.clone().fill_diagonal_(-1.0)  # i stays in N_k(i) even among exact duplicates
     idx = self_first.topk(k, dim=1, largest=False).indices
@@ -56,9 +106,29 @@ def knn_indicator(sq_dist: torch.Tensor, k: int) -> torch.Tensor:
 def contextual_similarity(sq_dist: torch.Tensor, k: int) -> torch.Tensor:
     """Contextual similarity ``w^C`` from shared k-nearest-neighbour sets, with query expansion.
 
+    Two patches are similar in context when their neighbourhoods overlap, whatever their distance:
     ``w~_ij = |N_k(i) & N_k(j)| / |N_k(i)|`` for ``j`` in ``N_k(i)`` (else 0); then each row is
     averaged over the reciprocal neighbours ``R_{k/2}(i)`` of ``i``; finally symmetrised.
     A point counts as its own nearest neighbour, so ``R_{k/2}(i)`` always holds ``i``.
+
+    Args:
+        sq_dist (torch.Tensor): ``N x N`` squared distances.
+        k (int): Neighbourhood size; the reciprocal neighbours use ``max(1, k // 2)``.
+
+    Returns:
+        torch.Tensor: ``N x N`` symmetric similarities in ``[0, 1]``.
+
+    Example:
+        Two separated pairs of points: full similarity within each pair, none across.
+
+        >>> import torch
+        >>> from anomalib_reconpatch.reconpatch.similarity import contextual_similarity, squared_distances
+        >>> points = torch.tensor([[0.0], [1.0], [10.0], [11.0]])
+        >>> contextual_similarity(squared_distances(points), k=2)
+        tensor([[1., 1., 0., 0.],
+                [1., 1., 0., 0.],
+                [0., 0., 1., 1.],
+                [0., 0., 1., 1.]])
     """
     neighbours = knn_indicator(sq_dist, k)
     shared = neighbours @ neighbours.T
@@ -71,7 +141,37 @@ def contextual_similarity(sq_dist: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def pseudo_labels(z_target: torch.Tensor, k: int, alpha: float, sigma: float) -> torch.Tensor:
-    """Mixed similarity ``w = alpha * w^P + (1 - alpha) * w^C`` on target projections, without gradient."""
+    """Pseudo-labels of a batch: the mixed similarity ``w = alpha * w^P + (1 - alpha) * w^C``.
+
+    Computed on the EMA target projections, in float32 and without gradient. The pairwise kernel's
+    width is ``sigma`` times :func:`knn_bandwidth`, so the weights do not depend on the features' scale
+    (see ``docs/design/sigma-units.md``).
+
+    Args:
+        z_target (torch.Tensor): ``N x E`` target projections ``g'(f'(x))``.
+        k (int): Neighbourhood size of the contextual similarity and of the bandwidth.
+        alpha (float): Weight of the pairwise similarity; ``1 - alpha`` goes to the contextual one.
+        sigma (float): Pairwise kernel width in units of :func:`knn_bandwidth`.
+
+    Returns:
+        torch.Tensor: ``N x N`` symmetric pseudo-labels in ``[0, 1]``.
+
+    Example:
+        Three points at equal distances. With ``k=1`` the contextual term is the identity (a
+        point's only neighbour is itself), and every pair lies at the bandwidth (the squared distance
+        to the nearest other point), so its pairwise term is ``exp(-1/sigma)`` at any scale:
+
+        >>> import torch
+        >>> from anomalib_reconpatch.reconpatch.similarity import pseudo_labels
+        >>> z = torch.eye(3)
+        >>> w = pseudo_labels(z, k=1, alpha=0.5, sigma=1.0)
+        >>> w
+        tensor([[1.0000, 0.1839, 0.1839],
+                [0.1839, 1.0000, 0.1839],
+                [0.1839, 0.1839, 1.0000]])
+        >>> torch.allclose(pseudo_labels(10 * z, k=1, alpha=0.5, sigma=1.0), w)
+        True
+    """
     sq_dist = squared_distances(z_target.float())
     pairwise = pairwise_similarity(sq_dist, sigma * knn_bandwidth(sq_dist, k))
     return alpha * pairwise + (1.0 - alpha) * contextual_similarity(sq_dist, k)

@@ -3,6 +3,22 @@
 Only ``f`` and the memory bank are kept after training; the projection ``g``, its EMA
 copies and the loss live in the Lightning module's training phase. The eval forward is
 plain tensor operations with symbolic shapes, so the stock ONNX/OpenVINO export traces it.
+
+Paper: Hyun et al., WACV 2024, https://arxiv.org/abs/2305.16713
+
+Example:
+    >>> import torch
+    >>> from anomalib_reconpatch.reconpatch import ReConPatchModel
+    >>> model = ReConPatchModel("tf_efficientnet_lite0", ["blocks.2", "blocks.4"])  # doctest: +SKIP
+    >>> features = model.train()(torch.rand(1, 3, 256, 256))  # doctest: +SKIP
+    >>> model.memory_bank = features[::10]  # doctest: +SKIP
+    >>> model.eval()(torch.rand(1, 3, 256, 256)).anomaly_map.shape  # doctest: +SKIP
+    torch.Size([1, 256, 256])
+
+See Also:
+    - :class:`anomalib_reconpatch.reconpatch.lightning_model.ReConPatch`: the Lightning module
+      that trains ``f`` and builds the memory bank.
+    - :mod:`anomalib_reconpatch.reconpatch.search`: the memory-bank search.
 """
 
 from __future__ import annotations
@@ -32,7 +48,17 @@ from .search import (
 
 
 def identity_linear(dim: int) -> nn.Linear:
-    """A ``dim -> dim`` linear layer that starts as the identity, so training starts from PatchCore's space."""
+    """Build a ``dim -> dim`` linear layer that starts as the identity.
+
+    Training then starts from PatchCore's metric, and with no training steps the model is PatchCore
+    (see ``docs/design/identity-init.md``).
+
+    Args:
+        dim (int): Input and output size.
+
+    Returns:
+        nn.Linear: Layer with weight ``I`` and bias 0.
+    """
     layer = nn.Linear(dim, dim)
     with torch.no_grad():
         layer.weight.copy_(torch.eye(dim))
@@ -42,7 +68,15 @@ def identity_linear(dim: int) -> nn.Linear:
 
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """``theta_target <- momentum * theta_target + (1 - momentum) * theta_online`` for every parameter."""
+    """Move the target network's parameters towards the online network's, in place.
+
+    ``theta_target <- momentum * theta_target + (1 - momentum) * theta_online`` for every parameter.
+
+    Args:
+        target (nn.Module): EMA copy, updated in place.
+        online (nn.Module): Trained network with the same parameters in the same order.
+        momentum (float): EMA momentum ``gamma`` in ``[0, 1)``.
+    """
     for t, o in zip(target.parameters(), online.parameters(), strict=True):
         t.lerp_(o, 1.0 - momentum)
 
@@ -51,13 +85,23 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
 def centred_rotated_frame(
     weight: torch.Tensor, bias: torch.Tensor, bank: torch.Tensor, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``f``'s weight and bias and the bank, re-expressed about the bank's mean and turned by a random rotation.
+    """Re-express ``f``'s weight and bias and the bank about the bank's mean, turned by a random rotation.
 
     With ``m`` the bank's mean and ``R`` orthogonal: ``W' = R W``, ``b' = R (b - m)``, ``bank' = (bank - m) R^T``,
     so every distance between ``f(x)`` and a bank row is kept, and FP32's ``|q|^2 - 2 q.b + |b|^2``
-    cancels less. It rescued the earlier per-tensor matmul INT8 (bottle image AUROC 0.977 -> 1.000);
-    the convolution INT8 search scales each bank row and no longer needs it (benchmarks/int8_rotation.py).
+    cancels less. An INT8 matmul search with one scale per tensor needs the fold; the exported INT8
+    search scales each bank row and does not (see ``docs/design/bank-fold.md``).
     ``R`` comes from its own seeded generator (float64 QR, signs fixed), so the global RNG is untouched.
+
+    Args:
+        weight (torch.Tensor): ``D x D`` weight ``W`` of ``f``.
+        bias (torch.Tensor): ``D`` bias ``b`` of ``f``.
+        bank (torch.Tensor): ``M x D`` memory bank in ``f``'s output space.
+        seed (int): Seed of the rotation. Defaults to ``0``.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ``W'``, ``b'`` and ``bank'``, each in its input's
+        dtype (computed in float64).
     """
     dim = bank.shape[1]
     gaussian = torch.randn(dim, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -85,16 +129,21 @@ def reweighted_image_score(
     distances only); its support is that row's ``num_neighbors`` nearest bank rows. Exports look the
     support up in ``support_table`` (every bank row's, :func:`nearest_rows`), which spares a pass over the
     bank and a top-k per image; ``convolution`` finds the neighbour with ``conv_chunk_distances``, so
-    INT8 quantizes it with the patch search.
+    INT8 quantizes it with the patch search. The damping factor is ``1 - softmax(d)[0]`` over the top
+    patch's distances ``d`` to its support rows, its own neighbour first.
 
     Args:
-        patch_scores: ``B x P`` nearest-neighbour distances.
-        embedding: ``B x P x D`` patch embeddings.
-        memory_bank: ``M x D`` bank.
-        num_neighbors: support size; 1 returns the plain maximum.
-        support_table: ``M x min(num_neighbors, M)`` support of every bank row, or None to search it.
-        convolution: search the neighbour as a 1x1 convolution (the INT8 export's form).
+        patch_scores (torch.Tensor): ``B x P`` nearest-neighbour distances.
+        embedding (torch.Tensor): ``B x P x D`` patch embeddings.
+        memory_bank (torch.Tensor): ``M x D`` bank.
+        num_neighbors (int): Support size; 1 returns the plain maximum.
+        support_table (torch.Tensor | None): ``M x min(num_neighbors, M)`` support of every bank row, or
+            None to search it. Defaults to ``None``.
+        convolution (bool): Search the neighbour as a 1x1 convolution (the INT8 export's form).
+            Defaults to ``False``.
 
+    Returns:
+        torch.Tensor: ``B`` image scores.
     """
     max_scores, max_patches = patch_scores.max(dim=1)
     if num_neighbors <= 1:
@@ -115,17 +164,37 @@ def reweighted_image_score(
 
 
 class ReConPatchModel(DynamicBufferMixin, nn.Module):
-    """Frozen backbone -> PatchCore patch features -> ``f`` -> nearest memory-bank distance.
+    """ReConPatch's torch model: frozen backbone -> PatchCore patch features -> ``f`` -> nearest bank distance.
+
+    In training mode the forward returns the raw patch features that the Lightning module trains
+    ``f`` on and builds the memory bank from; in eval mode it returns image scores and anomaly maps.
 
     Args:
-        backbone: timm model name.
-        layers: feature layers, concatenated at the first layer's resolution.
-        pre_trained: load ImageNet weights (needed for meaningful features).
-        embedding_dim: if set, adaptive-average-pool the concatenated channels to this size.
-        num_neighbors: PatchCore's image-score re-weighting support size.
-        search: nearest-neighbour search of the Python path: ``exact`` (torch) or a faiss index
+        backbone (str): timm model name.
+        layers (Sequence[str]): Feature layers, each 3x3 average-pooled, concatenated at the first
+            layer's resolution.
+        pre_trained (bool): Load ImageNet weights (needed for meaningful features). Defaults to ``True``.
+        embedding_dim (int | None): If set, adaptive-average-pool the concatenated channels to this size.
+            Defaults to ``None``.
+        num_neighbors (int): PatchCore's image-score re-weighting support size. Defaults to ``9``.
+        search (str): Nearest-neighbour search of the Python path: ``exact`` (torch) or a faiss index
             (``hnsw``, ``ivf``), built lazily from the bank and never saved. Export always traces exact.
+            Defaults to ``"exact"``.
 
+    Example:
+        >>> import torch
+        >>> from anomalib_reconpatch.reconpatch import ReConPatchModel
+        >>> model = ReConPatchModel(  # doctest: +SKIP
+        ...     "tf_efficientnet_lite0", ["blocks.2", "blocks.4"], pre_trained=False
+        ... )
+        >>> images = torch.rand(2, 3, 256, 256)
+        >>> features = model.train()(images)  # doctest: +SKIP
+        >>> features.shape  # one row per patch of the 32 x 32 grid  # doctest: +SKIP
+        torch.Size([2048, 152])
+        >>> model.memory_bank = features[::10]  # f is the identity before training  # doctest: +SKIP
+        >>> output = model.eval()(images)  # doctest: +SKIP
+        >>> output.pred_score.shape, output.anomaly_map.shape  # doctest: +SKIP
+        (torch.Size([2]), torch.Size([2, 256, 256]))
     """
 
     def __init__(
@@ -157,14 +226,31 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         self.register_buffer("memory_bank", torch.empty(0))
 
     def train(self, mode: bool = True) -> ReConPatchModel:
-        """Keep the frozen backbone (and its batch norms) in eval mode always."""
+        """Set the training mode, but keep the frozen backbone (and its batch norms) in eval mode always.
+
+        Args:
+            mode (bool): Training mode for everything but the backbone. Defaults to ``True``.
+
+        Returns:
+            ReConPatchModel: ``self``.
+        """
         super().train(mode)
         self.feature_extractor.eval()
         return self
 
     @torch.no_grad()
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
-        """``B x 3 x H x W`` images -> ``B x D x h x w`` PatchCore patch features (before ``f``)."""
+        """Extract PatchCore patch features (before ``f``), without gradient.
+
+        Each layer's map is 3x3 average-pooled, bilinearly resized to the first layer's grid and
+        concatenated; ``embedding_dim`` then pools the channels when it is smaller.
+
+        Args:
+            images (torch.Tensor): ``B x 3 x H x W`` normalised images.
+
+        Returns:
+            torch.Tensor: ``B x D x h x w`` patch features, ``D`` being ``embedding_dim``.
+        """
         features = self.feature_extractor(images)
         pooled = [self.feature_pooler(features[layer]) for layer in self.layers]
         size = pooled[0].shape[-2:]
@@ -178,12 +264,22 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         return embedding
 
     def embed(self, patch_features: torch.Tensor) -> torch.Tensor:
-        """Apply the learned representation ``f`` to ``... x D`` patch features."""
+        """Apply the learned representation ``f``.
+
+        Args:
+            patch_features (torch.Tensor): ``... x D`` patch features.
+
+        Returns:
+            torch.Tensor: ``... x D`` embeddings ``f(x)``.
+        """
         return self.representation(patch_features)
 
     @torch.no_grad()
     def fold_bank_frame(self) -> None:
-        """Move ``f`` and the bank into :func:`centred_rotated_frame` (the end of ``fit``): scores stay the same."""
+        """Move ``f`` and the bank into :func:`centred_rotated_frame`, in place; every score stays the same.
+
+        Called at the end of ``fit``, once the memory bank is built (see ``docs/design/bank-fold.md``).
+        """
         f = self.representation
         weight, bias, self.memory_bank = centred_rotated_frame(f.weight, f.bias, self.memory_bank)
         f.weight.copy_(weight)
@@ -191,10 +287,18 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
 
     @contextmanager
     def export_form(self, convolution: bool) -> Iterator[None]:
-        """While active, the forward is the exported graph's: the support table, and 1x1-convolution searches if asked.
+        """Make the forward the exported graph's while active: the support table, and 1x1-convolution searches if asked.
 
-        Nested uses keep the outer table; leaving restores the previous form. The table takes one pass of
-        the bank against itself (2.7 to 3.9 s for bottle's 21,401 rows, benchmarks/search_chunk.py).
+        Nested uses keep the outer table; leaving restores the previous form. The table holds every
+        bank row's ``num_neighbors`` nearest rows, built by one pass of the bank against itself on
+        entry, so an exported graph looks the image score's support up instead of searching it (see
+        ``docs/design/distance-only-search.md``).
+
+        Args:
+            convolution (bool): Trace the bank searches as 1x1 convolutions (the INT8 export's form).
+
+        Yields:
+            None: Control, with the export form in place.
         """
         previous = self.support_table, self.convolution_search
         if self.support_table is None and self.memory_bank.numel() and self.num_neighbors > 1:
@@ -207,10 +311,17 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
             self.support_table, self.convolution_search = previous
 
     def search_bank(self, queries: torch.Tensor, batch: int = 1) -> torch.Tensor:
-        """Distance to the nearest bank row per query (``batch`` images of patches, in order).
+        """Find the distance from each query to its nearest bank row.
 
         Torch exact search; or, outside of tracing and export, the faiss index followed by the exact
-        refinement of each image's top patches (``refine_top_patches``).
+        refinement of each image's top patches (``refine_top_patches``), so image scores stay exact.
+
+        Args:
+            queries (torch.Tensor): ``N x D`` embedded patches of ``batch`` images, image by image.
+            batch (int): Number of images in ``queries``. Defaults to ``1``.
+
+        Returns:
+            torch.Tensor: ``N`` Euclidean distances.
         """
         if self.search == "exact" or exporting():
             return nearest_bank_distances(queries, self.memory_bank, convolution=self.convolution_search)
@@ -218,9 +329,12 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         return refine_top_patches(queries, self.memory_bank, distances, batch)
 
     def bank_index(self) -> object:
-        """The faiss index of ``search`` over the current bank, built on first use and again when the bank changes.
+        """Return the faiss index of ``search`` over the current bank, built on first use and when the bank changes.
 
         Each entry holds the bank tensor itself, so a new bank can never be mistaken for the indexed one.
+
+        Returns:
+            object: The faiss index (see ``search.build_index``).
         """
         bank, index = self._indexes.get(self.search, (None, None))
         if bank is not self.memory_bank:
@@ -234,7 +348,19 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
-        """Training: ``N x D`` raw patch features for the memory of the fit. Eval: scores and anomaly maps."""
+        """Extract patch features in training mode; score the images in eval mode.
+
+        Args:
+            images (torch.Tensor): ``B x 3 x H x W`` normalised images.
+
+        Returns:
+            torch.Tensor | InferenceBatch: In training mode, ``(B * h * w) x D`` raw patch features
+            (before ``f``) for the fit; in eval mode, ``pred_score`` (``B``) and ``anomaly_map``
+            (``B x H x W``).
+
+        Raises:
+            RuntimeError: In eval mode, if the memory bank is empty (the model is not fitted).
+        """
         features = self.patch_features(images)
         if self.training:
             return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
@@ -244,9 +370,16 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         return self.score_features(features, images.shape[-2:])
 
     def score_features(self, features: torch.Tensor, image_size: tuple[int, int] | torch.Size) -> InferenceBatch:
-        """``B x D x h x w`` patch features -> image scores and ``B x H x W`` maps: the eval path after the backbone.
+        """Score patch features: the eval path after the backbone.
 
         The benchmarks call it on cached features, so they score exactly as the model does.
+
+        Args:
+            features (torch.Tensor): ``B x D x h x w`` patch features from :meth:`patch_features`.
+            image_size (tuple[int, int] | torch.Size): ``(H, W)`` of the anomaly maps.
+
+        Returns:
+            InferenceBatch: ``pred_score`` (``B``) and ``anomaly_map`` (``B x H x W``).
         """
         embedding = self.embed(features.permute(0, 2, 3, 1))
         batch, height, width, dim = embedding.shape

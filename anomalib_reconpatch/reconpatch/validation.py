@@ -16,13 +16,21 @@ from .search import SEARCH_OPTIONS
 
 
 def _check_range(name: str, value: float, ok: bool, expected: str) -> None:
+    """Raise the one out-of-range message for setting ``name`` unless ``ok``, saying what is expected."""
     if not ok:
         msg = f"ReConPatch: {name}={value!r} is out of range; expected {expected} (set --model.{name})."
         raise ValueError(msg)
 
 
 def validate_hyperparameters(params: dict[str, Any]) -> None:
-    """Reject out-of-range settings at construction, before any backbone is built."""
+    """Reject out-of-range settings at construction, before any backbone is built.
+
+    Args:
+        params (dict[str, Any]): ``ReConPatch.__init__``'s arguments by name (its ``locals()``).
+
+    Raises:
+        ValueError: For the first setting out of range, naming it and the range expected.
+    """
     _check_range("k", params["k"], isinstance(params["k"], int) and params["k"] >= 1, "an integer >= 1")
     _check_range("alpha", params["alpha"], 0.0 <= params["alpha"] <= 1.0, "0 <= alpha <= 1")
     _check_range("margin", params["margin"], params["margin"] > 0, "margin > 0")
@@ -43,7 +51,21 @@ def validate_hyperparameters(params: dict[str, Any]) -> None:
 
 
 def check_training_size(module: Any, datamodule: Any, scan: ImageScan) -> None:
-    """Stop before feature extraction when the training set cannot give ``k + 1`` patches or one coreset point."""
+    """Stop before feature extraction when the training set cannot give ``k + 1`` patches or one coreset point.
+
+    The patch grid is found by running the backbone once on a blank image of the model's input size
+    (else the first training image's size, else 256 x 256). Datamodules without a sized
+    ``train_data`` are not checked.
+
+    Args:
+        module (ReConPatch): The Lightning module, for its backbone, input size and ``hparams``.
+        datamodule (AnomalibDataModule): The datamodule, set up for fitting.
+        scan (ImageScan): The pre-flight scan of the images, for the first image's size.
+
+    Raises:
+        ValueError: If there are no training images, no more than ``k`` training patches, or
+            ``coreset_sampling_ratio`` keeps no patch; the message says what to change.
+    """
     train = getattr(datamodule, "train_data", None)
     if train is None or not hasattr(train, "__len__"):
         return
@@ -75,11 +97,20 @@ def check_training_size(module: Any, datamodule: Any, scan: ImageScan) -> None:
         raise ValueError(msg)
 
 
+# Checkpoint key of the architecture record written by ReConPatch.on_save_checkpoint.
 ARCHITECTURE_KEY = "reconpatch_architecture"
 
 
 def architecture(module: Any) -> dict[str, Any]:
-    """What a checkpoint must match to load: backbone, layers, embedding_dim and the resulting feature size."""
+    """Describe what a checkpoint must match to load into ``module``.
+
+    Args:
+        module (ReConPatch): The Lightning module.
+
+    Returns:
+        dict[str, Any]: ``backbone``, ``layers`` (a list), ``embedding_dim`` and ``feature_dim`` (the
+        input size of ``f``, None when the module has no representation weight).
+    """
     weight = module.state_dict().get("model.representation.weight")
     return {
         "backbone": module.hparams.get("backbone"),
@@ -90,6 +121,7 @@ def architecture(module: Any) -> dict[str, Any]:
 
 
 def _describe(arch: dict[str, Any]) -> str:
+    """Render an :func:`architecture` record as the command-line settings a user would recognise."""
     return (
         f"backbone={arch.get('backbone')}, layers={arch.get('layers')}, embedding_dim={arch.get('embedding_dim')} "
         f"(feature dim {arch.get('feature_dim')})"
@@ -103,7 +135,16 @@ def check_checkpoint_matches(module: Any, checkpoint: dict[str, Any]) -> None:
     shapes, and a different backbone fails with hundreds of missing keys (or, with the same size
     and keys, loads silently and scores nonsense). The checkpoint's own record (written by
     ``on_save_checkpoint``) is used because ``load_from_checkpoint(path, layers=...)`` overwrites
-    the checkpoint's ``hyper_parameters`` with the overrides before this hook runs.
+    the checkpoint's ``hyper_parameters`` with the overrides before this hook runs. Checkpoints
+    without the record are compared on their hyper-parameters and weight shape; an unknown feature
+    size is not compared.
+
+    Args:
+        module (ReConPatch): The Lightning module the checkpoint is loaded into.
+        checkpoint (dict[str, Any]): The loaded checkpoint dictionary.
+
+    Raises:
+        ValueError: If any of the architecture differs; the message gives the settings to pass.
     """
     saved = checkpoint.get(ARCHITECTURE_KEY)
     if saved is None:  # written before the record existed: hyper-parameters and the weight shape

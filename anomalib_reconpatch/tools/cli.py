@@ -10,6 +10,7 @@ from .errors import BAD_INPUT_ERRORS
 
 
 def _weights(args: argparse.Namespace) -> int:
+    """``reconpatch weights``: install the chosen EfficientNet-Lite weights into the hub cache."""
     from .weights import write_lite_weights
 
     for variant in args.variants:
@@ -21,6 +22,7 @@ def _weights(args: argparse.Namespace) -> int:
 
 
 def _demo_data(args: argparse.Namespace) -> int:
+    """``reconpatch demo-data``: write the demo categories and print each one's image counts."""
     from .demo_data import DemoConfig, write_demo_dataset
 
     config = DemoConfig(image_size=args.image_size, seed=args.seed)
@@ -32,7 +34,7 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 
 def _parse_assignments(pairs: Sequence[str]) -> dict:
-    """``name=value`` pairs with YAML values (``num_steps=300``, ``embedding_dim=null``)."""
+    """Parse ``name=value`` pairs with YAML values (``num_steps=300``, ``embedding_dim=null``) into a dict."""
     import yaml
 
     parsed = {}
@@ -46,6 +48,7 @@ def _parse_assignments(pairs: Sequence[str]) -> dict:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    """``reconpatch compare``: run the comparison; a failed run's process gives exit code 1."""
     from pathlib import Path
 
     from .compare import CompareSettings, RunFailedError, compare
@@ -70,6 +73,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    """``reconpatch predict``: score the input with the exported model."""
     from pathlib import Path
 
     from .predict import predict
@@ -79,7 +83,14 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Argument parser of every ``reconpatch`` sub-command."""
+    """Build the argument parser of every ``reconpatch`` sub-command.
+
+    Reads only torch-free modules (``hub_cache``, ``demo_data``, ``predict``), so parsing the command
+    line of ``reconpatch predict`` imports neither torch nor anomalib.
+
+    Returns:
+        argparse.ArgumentParser: The parser; each sub-command sets ``run`` to the function that runs it.
+    """
     from ..components.hub_cache import LITE_VARIANTS
     from .demo_data import TEXTURES
     from .predict import PRECISIONS
@@ -134,7 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``reconpatch`` console script."""
+    """Run the ``reconpatch`` console script.
+
+    Bad input (``BAD_INPUT_ERRORS``: bad settings, missing files, existing outputs) is printed as one
+    line without a traceback.
+
+    Args:
+        argv (Sequence[str] | None): Command-line arguments without the program name; None reads ``sys.argv``.
+
+    Returns:
+        int: The exit code: 0 on success, 1 when a ``compare`` run's process failed, 2 for bad input.
+    """
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -17,11 +17,20 @@ from PIL import Image, ImageDraw, ImageFilter
 TEXTURES = ("brick", "grass", "gravel")
 DEFECTS = ("scratch", "patch", "stain")
 MARKER = ".reconpatch-demo"
+"""File that marks a category folder as written by ``reconpatch demo-data``, so it may be regenerated."""
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of the demo set; the defaults train in seconds."""
+    """Sizes of the demo set; the defaults are small enough to train in seconds.
+
+    Attributes:
+        image_size (int): Side of the square images, in pixels.
+        n_train (int): Normal training images per category.
+        n_test_good (int): Normal test images per category.
+        n_test_per_defect (int): Test images of each defect type per category.
+        seed (int): Seed of every random choice; the same seed writes the same images.
+    """
 
     image_size: int = 128
     n_train: int = 24
@@ -31,7 +40,17 @@ class DemoConfig:
 
 
 def texture(name: str) -> np.ndarray:
-    """One of scikit-image's bundled texture photographs as a float array in [0, 1] (H x W)."""
+    """Load one of scikit-image's bundled texture photographs.
+
+    Args:
+        name (str): One of ``TEXTURES``.
+
+    Returns:
+        np.ndarray: The grayscale photograph, ``H x W`` float32 in [0, 1].
+
+    Raises:
+        ValueError: If ``name`` is not one of ``TEXTURES``.
+    """
     from skimage import data
 
     if name not in TEXTURES:
@@ -41,7 +60,18 @@ def texture(name: str) -> np.ndarray:
 
 
 def random_crop(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A random ``size x size`` crop, randomly mirrored left-right (keeps the texture's orientation)."""
+    """Cut a random ``size x size`` crop, mirrored left-right half of the time.
+
+    Only left-right mirroring, so the texture keeps its orientation.
+
+    Args:
+        photo (np.ndarray): ``H x W`` (or ``H x W x C``) image, at least ``size`` on each side.
+        size (int): Side of the crop.
+        rng (np.random.Generator): Source of the position and the mirroring.
+
+    Returns:
+        np.ndarray: The crop, a view of ``photo``.
+    """
     top = rng.integers(0, photo.shape[0] - size + 1)
     left = rng.integers(0, photo.shape[1] - size + 1)
     crop = photo[top : top + size, left : left + size]
@@ -49,7 +79,19 @@ def random_crop(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.nd
 
 
 def blob_mask(size: int, rng: np.random.Generator, coverage: tuple[float, float] = (0.03, 0.12)) -> np.ndarray:
-    """A compact irregular region: thresholded Perlin noise inside a random ellipse."""
+    """Draw a compact irregular region: thresholded Perlin noise inside a random ellipse.
+
+    Up to 50 draws are tried until one covers a fraction of the image within ``coverage``; if none
+    does, the last ellipse is returned whole.
+
+    Args:
+        size (int): Side of the square mask.
+        rng (np.random.Generator): Source of the noise seed, the ellipse and the threshold.
+        coverage (tuple[float, float]): Smallest and largest fraction of the image the region may cover.
+
+    Returns:
+        np.ndarray: ``size x size`` boolean mask.
+    """
     import torch  # here, not at the top: the CLI reads TEXTURES, and `reconpatch predict` needs no torch
     from anomalib.data.utils.generators.perlin import generate_perlin_noise
 
@@ -68,7 +110,15 @@ def blob_mask(size: int, rng: np.random.Generator, coverage: tuple[float, float]
 
 
 def add_scratch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A thin curved stroke, brighter or darker than the surface."""
+    """Add a scratch: a thin curved stroke, brighter or darker than the surface.
+
+    Args:
+        image (np.ndarray): ``H x W x 3`` image in [0, 1], square.
+        rng (np.random.Generator): Source of the curve, its width and its brightness.
+
+    Returns:
+        tuple[np.ndarray, np.ndarray]: The scratched image and its boolean defect mask.
+    """
     size = image.shape[0]
     canvas = Image.new("L", (size, size), 0)
     p0, p1, p2 = rng.uniform(0.1, 0.9, (3, 2)) * size
@@ -82,14 +132,32 @@ def add_scratch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray
 
 
 def add_patch(image: np.ndarray, other: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A blob of another texture pasted into the surface (foreign material)."""
+    """Add foreign material: a blob of another texture pasted into the surface.
+
+    Args:
+        image (np.ndarray): ``H x W x 3`` image in [0, 1], square.
+        other (np.ndarray): ``H x W`` photograph of another texture to cut the blob from.
+        rng (np.random.Generator): Source of the blob and the crop.
+
+    Returns:
+        tuple[np.ndarray, np.ndarray]: The image with the patch and its boolean defect mask.
+    """
     mask = blob_mask(image.shape[0], rng)
     foreign = random_crop(other, image.shape[0], rng)[..., None]
     return np.where(mask[..., None], foreign, image), mask
 
 
 def add_stain(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A soft-edged tinted stain (darkened, with a colour cast)."""
+    """Add a soft-edged tinted stain (darkened, with a colour cast).
+
+    Args:
+        image (np.ndarray): ``H x W x 3`` image in [0, 1], square.
+        rng (np.random.Generator): Source of the blob, the tint and the darkening.
+
+    Returns:
+        tuple[np.ndarray, np.ndarray]: The stained image and its boolean defect mask (where the soft
+        edge is more than half opaque).
+    """
     mask = blob_mask(image.shape[0], rng, coverage=(0.04, 0.15))
     alpha = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.GaussianBlur(2)), np.float32)
     alpha = alpha[..., None] / 255.0
@@ -99,6 +167,7 @@ def add_stain(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, 
 
 
 def _save_rgb(array: np.ndarray, path: Path) -> None:
+    """Save an image in [0, 1] as an 8-bit PNG."""
     Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8)).save(path)
 
 
@@ -115,7 +184,24 @@ def _prepare_category_dir(folder: Path) -> None:
 
 
 def write_category(root: Path, name: str, config: DemoConfig) -> dict[str, int]:
-    """Write one texture category in the MVTec layout; returns image counts per split."""
+    """Write one texture category in the MVTec layout.
+
+    Training crops come from the top three quarters of the photograph and test crops from the bottom
+    quarter, so test images show unseen surface. Every defect image gets its exact mask in
+    ``ground_truth/<defect>/<index>_mask.png``.
+
+    Args:
+        root (Path): Folder that holds the categories.
+        name (str): The category, one of ``TEXTURES``; the next texture in ``TEXTURES`` supplies the
+            foreign material of the ``patch`` defect.
+        config (DemoConfig): Sizes and seed.
+
+    Returns:
+        dict[str, int]: Number of images per split folder (``train/good``, ``test/good``, ``test/<defect>``).
+
+    Raises:
+        FileExistsError: If ``root/name`` is a non-empty folder that ``reconpatch demo-data`` did not write.
+    """
     folder = root / name
     _prepare_category_dir(folder)
     rng = np.random.default_rng([config.seed, TEXTURES.index(name)])
@@ -156,7 +242,28 @@ def write_category(root: Path, name: str, config: DemoConfig) -> dict[str, int]:
 def write_demo_dataset(
     root: str | Path, categories: tuple[str, ...] = TEXTURES, config: DemoConfig | None = None
 ) -> dict:
-    """Write the demo set under ``root/<category>``; deterministic for ``config.seed``."""
+    """Write the demo data set under ``root/<category>``, one MVTec-layout folder per texture.
+
+    The images are the same for the same ``config.seed``. A category folder written earlier by this
+    command is regenerated; any other non-empty folder is refused.
+
+    Args:
+        root (str | Path): Output folder.
+        categories (tuple[str, ...]): Textures to write, from ``TEXTURES``.
+        config (DemoConfig | None): Sizes and seed; None uses the defaults.
+
+    Returns:
+        dict: For each category, the number of images per split folder.
+
+    Raises:
+        FileExistsError: If a category folder exists, is not empty and was not written by this command.
+        ValueError: If a category is not one of ``TEXTURES``.
+
+    Example:
+        >>> counts = write_demo_dataset("datasets/demo", ("brick",))  # doctest: +SKIP
+        >>> counts  # doctest: +SKIP
+        {'brick': {'train/good': 24, 'test/good': 6, 'test/scratch': 4, 'test/patch': 4, 'test/stain': 4}}
+    """
     config = config or DemoConfig()
     root = Path(root)
     return {name: write_category(root, name, config) for name in categories}

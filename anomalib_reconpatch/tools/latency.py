@@ -18,11 +18,26 @@ import torch
 from torch import nn
 
 SEARCH_METHODS = ("search_bank", "nearest_neighbors")
+"""Memory-bank search methods, ReConPatch's then PatchCore's; the first the model has is timed."""
 
 
 @contextmanager
 def phase_clock(torch_model: nn.Module) -> Iterator[dict[str, float]]:
-    """Add the wall seconds spent in the backbone and in the search to the yielded dict while active."""
+    """Time the backbone and the memory-bank search of a torch model while the block runs.
+
+    The model's ``feature_extractor.forward`` and its search method are shadowed by timed wrappers on
+    these objects only, and restored on exit.
+
+    Args:
+        torch_model (nn.Module): ReConPatch's or PatchCore's torch model.
+
+    Yields:
+        dict[str, float]: ``{"backbone": s, "search": s}``, to which every call adds its wall seconds;
+        reset the values to measure one call.
+
+    Raises:
+        TypeError: If the model has none of ``SEARCH_METHODS``.
+    """
     totals = {"backbone": 0.0, "search": 0.0}
     search = next((name for name in SEARCH_METHODS if hasattr(torch_model, name)), None)
     if search is None:
@@ -56,9 +71,18 @@ def phase_clock(torch_model: nn.Module) -> Iterator[dict[str, float]]:
 def split_latency_ms(
     forward: Callable[[torch.Tensor], Any], torch_model: nn.Module, images: Sequence[torch.Tensor], warmup: int = 3
 ) -> dict[str, float]:
-    """Median per-image milliseconds of ``forward(image[None])`` over ``images``, and of its phases.
+    """Measure the median per-image milliseconds of ``forward(image[None])`` over ``images``, and of its phases.
 
     ``rest_ms`` is ``latency_ms - backbone_ms - search_ms``, so the three parts add up to the latency.
+
+    Args:
+        forward (Callable[[torch.Tensor], Any]): The timed call, given one ``1 x C x H x W`` image.
+        torch_model (nn.Module): The torch model that ``forward`` runs, whose phases are timed.
+        images (Sequence[torch.Tensor]): ``C x H x W`` images, each timed once.
+        warmup (int): Untimed calls on the first images before timing.
+
+    Returns:
+        dict[str, float]: Medians ``latency_ms``, ``backbone_ms`` and ``search_ms``, and ``rest_ms``.
     """
     for image in list(images)[:warmup]:
         forward(image[None])
@@ -83,11 +107,21 @@ def split_latency_ms(
 def interleaved_medians(
     timers: dict[str, Callable[[], dict[str, float]]], rounds: int = 3, by: str = "latency_ms"
 ) -> dict[str, dict[str, float]]:
-    """For each timer, its median round by ``by``, over ``rounds`` in which every timer runs once, in turn.
+    """Run every timer once per round, in turn, and return each timer's median round by ``by``.
 
-    Timing one model after another lets a slow spell of a shared machine land on one of them only
-    (measured: 165 vs 147 ms for a pair that, interleaved, was 106 vs 187 ms); rounds spread it over all.
-    A whole round is returned, so its parts (backbone, search, rest) still add up to its latency.
+    Timing one model after another lets a slow spell of a shared machine land on one of them only,
+    enough to reverse which model looks faster; rounds that take every model in turn spread it over
+    all. A whole round is returned, so its parts (backbone, search, rest) still add up to its latency.
+
+    Args:
+        timers (dict[str, Callable[[], dict[str, float]]]): One timer per model name, each returning a
+            round's timings (as :func:`split_latency_ms` does).
+        rounds (int): Number of rounds.
+        by (str): The timing that orders the rounds.
+
+    Returns:
+        dict[str, dict[str, float]]: For each name, the round whose ``by`` is the median (the lower
+        one for an even number of rounds).
     """
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in timers}
     for _ in range(rounds):

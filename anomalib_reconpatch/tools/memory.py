@@ -18,9 +18,15 @@ def fix_mmap_threshold(threshold_bytes: int = 4 * 2**20) -> bool:
     """Serve allocations above ``threshold_bytes`` by mmap and return them to the OS on free (glibc only).
 
     glibc raises its mmap threshold after each large free, after which multi-megabyte temporaries
-    come from the heap and fragment it: measured here, stock PatchCore's coreset loop on the demo
-    data grew from 1 GB to 24 GB and was killed; with a fixed threshold it stayed at 1 GB.
-    Returns whether the setting was applied.
+    come from the heap and fragment it, and a loop of large temporaries such as stock PatchCore's
+    coreset selection can grow until it is killed. Fixing the threshold keeps such a loop's memory
+    flat; the measurement is in ``docs/design/feature-spill.md``.
+
+    Args:
+        threshold_bytes (int): Size in bytes from which allocations are served by mmap.
+
+    Returns:
+        bool: Whether the setting was applied; False off glibc or when ``mallopt`` refuses it.
     """
     name = ctypes.util.find_library("c")
     if not name:
@@ -36,7 +42,12 @@ def fix_mmap_threshold(threshold_bytes: int = 4 * 2**20) -> bool:
 
 @contextmanager
 def peak_rss() -> Iterator[dict[str, float]]:
-    """Sample this process's resident memory every 20 ms; yields a dict that gets ``peak_rss_mb``."""
+    """Sample this process's resident memory every 20 ms while the block runs.
+
+    Yields:
+        dict[str, float]: ``{"peak_rss_mb": ...}``, the largest resident memory seen so far, in MiB;
+        final once the block has ended.
+    """
     import psutil
 
     process, result, stop = psutil.Process(), {"peak_rss_mb": 0.0}, threading.Event()

@@ -8,6 +8,9 @@ An unreadable image (truncated, empty, not an image) does not stop the run: on a
 one bad frame must not hold up the rest, nor go unnoticed. It is skipped with a warning that
 names it, gets a row in ``scores.csv`` with an empty score and the reason in the ``error``
 column, and the closing summary counts it.
+
+The module imports neither torch nor anomalib, so ``reconpatch predict`` runs on OpenVINO, numpy, PIL
+and matplotlib alone (see ``docs/design/preflight-and-predict.md``).
 """
 
 from __future__ import annotations
@@ -21,11 +24,19 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+"""File extensions (lower case) that a folder search treats as images."""
 
 
 @dataclass(frozen=True)
 class PredictSummary:
-    """What a run did: how many images, how fast, and where the results are."""
+    """What a run did: how many images, how fast, and where the results are.
+
+    Attributes:
+        images (int): Images scored (skipped ones not included).
+        seconds (float): Wall time of the run, reading and writing included.
+        csv_path (Path): The ``scores.csv`` written.
+        skipped (tuple[tuple[Path, str], ...]): ``(path, error message)`` of every unreadable image.
+    """
 
     images: int
     seconds: float
@@ -34,18 +45,29 @@ class PredictSummary:
 
     @property
     def images_per_second(self) -> float:
-        """Throughput over the whole run, reading and writing included."""
+        """Images scored per second over the whole run, reading and writing included (0 for no time)."""
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
 PRECISIONS = ("f32", "auto")
+"""Values of ``--precision``: float32 (the default), or OpenVINO's own choice."""
 
 
 def compile_options(precision: str = "f32") -> dict[str, str]:
-    """OpenVINO compile options for ``precision``: ``f32`` computes in float32, ``auto`` lets the device choose.
+    """Build the OpenVINO compile options for ``precision``.
 
     On CPUs with AVX-512 BF16 or AMX, OpenVINO runs FP32 models in bfloat16 unless told otherwise, and
-    the scores then drift from the PyTorch model's (seen here: the export tests failed their tolerances).
+    the scores then drift from the PyTorch model's, so a threshold calibrated in PyTorch would no longer
+    mean the same. Float32 is therefore the default; see ``docs/design/float32-hint.md``.
+
+    Args:
+        precision (str): ``f32`` computes in float32; ``auto`` lets the device choose.
+
+    Returns:
+        dict[str, str]: ``{"INFERENCE_PRECISION_HINT": "f32"}`` for ``f32``, no option for ``auto``.
+
+    Raises:
+        ValueError: If ``precision`` is not one of ``PRECISIONS``.
     """
     if precision not in PRECISIONS:
         msg = f"--precision {precision}: use f32 (scores as in PyTorch) or auto (OpenVINO's choice, bf16 on some CPUs)."
@@ -54,7 +76,21 @@ def compile_options(precision: str = "f32") -> dict[str, str]:
 
 
 def load_compiled_model(model_path: Path, device: str = "CPU", precision: str = "f32") -> object:
-    """Compile an exported ``.xml`` (with its ``.bin``) or ``.onnx``; errors say which file is wrong."""
+    """Compile an exported ``.xml`` (with its ``.bin``) or ``.onnx`` model with OpenVINO.
+
+    Args:
+        model_path (Path): The exported ``.xml`` (its ``.bin`` beside it) or ``.onnx`` file.
+        device (str): OpenVINO device, e.g. ``CPU``.
+        precision (str): One of ``PRECISIONS`` (see :func:`compile_options`).
+
+    Returns:
+        object: OpenVINO's compiled model.
+
+    Raises:
+        FileNotFoundError: If the model file, or the ``.bin`` beside an ``.xml``, is missing.
+        ValueError: If the file is not an ``.xml`` or ``.onnx``, OpenVINO cannot read it, or
+            ``precision`` is unknown.
+    """
     import openvino as ov
 
     options = compile_options(precision)
@@ -76,7 +112,18 @@ def load_compiled_model(model_path: Path, device: str = "CPU", precision: str = 
 
 
 def iter_images(source: Path) -> Iterator[Path]:
-    """The image itself, or every image below a folder in sorted order."""
+    """List the images to score: the file itself, or every image below a folder.
+
+    Args:
+        source (Path): An image file, or a folder searched recursively.
+
+    Yields:
+        Path: ``source`` itself if it is a file (whatever its extension), else every file below it with an
+        ``IMAGE_SUFFIXES`` extension, in sorted order.
+
+    Raises:
+        FileNotFoundError: If ``source`` does not exist, or a folder holds no image.
+    """
     if source.is_file():
         yield source
         return
@@ -94,7 +141,15 @@ def iter_images(source: Path) -> Iterator[Path]:
 
 
 def check_output_outside(source: Path, out: Path) -> None:
-    """Refuse an output folder inside the input folder (results must never land among the user's images)."""
+    """Refuse an output folder inside the input folder: results must never land among the user's images.
+
+    Args:
+        source (Path): The input image or folder; for a file, its folder counts.
+        out (Path): The output folder.
+
+    Raises:
+        ValueError: If ``out`` is that folder or lies below it.
+    """
     source_dir = source.resolve() if source.is_dir() else source.resolve().parent
     if out.resolve() == source_dir or source_dir in out.resolve().parents:
         msg = f"Output folder {out} is inside the input folder {source_dir}: choose a folder elsewhere."
@@ -102,9 +157,17 @@ def check_output_outside(source: Path, out: Path) -> None:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """``1 x 3 x H x W`` float32 in [0, 1], as training read it (see :func:`images.read_image`).
+    """Read an image as the model's input, with the values training read (see :func:`images.read_image`).
 
-    Raises :class:`images.UnreadableImageError` naming the file for a truncated, empty or non-image file.
+    Args:
+        path (Path): Image file.
+
+    Returns:
+        np.ndarray: ``1 x 3 x H x W`` float32 in [0, 1], contiguous.
+
+    Raises:
+        images.UnreadableImageError: If the file is truncated, empty or not an image; the message names it
+            and the cause.
     """
     from ..components.images import UnreadableImageError, image_problem, read_image
 
@@ -118,7 +181,15 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, anomaly_map: np.ndarray) -> np.ndarray:
-    """Blend a jet-coloured anomaly map (0..1) over the image, both ``H x W`` (x3), uint8 out."""
+    """Blend a jet-coloured anomaly map over the image.
+
+    Args:
+        image (np.ndarray): ``H x W x 3`` image in [0, 1].
+        anomaly_map (np.ndarray): 2-D anomaly map, clipped to [0, 1] and resized to ``H x W``.
+
+    Returns:
+        np.ndarray: ``H x W x 3`` uint8 overlay, 55 % image and 45 % colour.
+    """
     from matplotlib import colormaps
     from PIL import Image
 
@@ -136,7 +207,37 @@ def predict(
     log: Callable[[str], None] = print,
     precision: str = "f32",
 ) -> PredictSummary:
-    """Score every image of ``source`` with the exported model; write overlays and ``scores.csv`` to ``out``."""
+    """Score every image of ``source`` with the exported model; write overlays and ``scores.csv`` to ``out``.
+
+    Images are read one at a time, so memory stays flat however large the folder. An unreadable image
+    is skipped with a warning and gets a row with an empty score and the reason in the ``error``
+    column. Overlays keep the input's folder structure under ``out/overlays``.
+
+    Args:
+        model_path (Path): The exported ``.xml`` (its ``.bin`` beside it) or ``.onnx`` file.
+        source (Path): An image file, or a folder searched recursively.
+        out (Path): Output folder, outside the input folder; created if needed.
+        device (str): OpenVINO device, e.g. ``CPU``.
+        log (Callable[[str], None]): Receives the warnings and the closing summary.
+        precision (str): One of ``PRECISIONS`` (see :func:`compile_options`).
+
+    Returns:
+        PredictSummary: How many images were scored and skipped, how fast, and where ``scores.csv`` is.
+
+    Raises:
+        FileNotFoundError: If the model, its ``.bin`` or the input is missing, or the input folder holds no image.
+        ValueError: If ``out`` is inside the input folder, or the model or precision is unusable.
+
+    Example:
+        >>> from pathlib import Path
+        >>> summary = predict(  # doctest: +SKIP
+        ...     Path("export/weights/openvino/model.xml"),
+        ...     Path("datasets/MVTecAD/bottle/test"),
+        ...     Path("predictions/bottle"),
+        ... )
+        >>> summary.csv_path  # doctest: +SKIP
+        PosixPath('predictions/bottle/scores.csv')
+    """
     from PIL import Image
 
     from ..components.images import UnreadableImageError

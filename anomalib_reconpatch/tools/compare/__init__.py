@@ -50,10 +50,33 @@ __all__ = [
 
 
 def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> dict:
-    """Run every model, write report.json, report.md, roc.png and heatmaps.png into ``settings.out``.
+    """Train and test every model on the same data; write report.json, report.md, roc.png and heatmaps.png.
 
     With several categories (``init_args.category`` a list or ``all``) each category gets those files
-    in ``settings.out/CATEGORY``, and ``settings.out`` gets the summary over the categories.
+    in ``settings.out/CATEGORY``, and ``settings.out`` gets the summary over the categories. The data
+    config, image size, seeds, datamodules and models are all checked before the first run, so bad
+    settings fail at once rather than after a fit.
+
+    Args:
+        settings (CompareSettings): What every run shares; the files go to ``settings.out``.
+        log (Callable[[str], None]): Receives progress lines, the runs' output and the tables.
+
+    Returns:
+        dict: For one category, ``report`` (as in report.json), ``engine_metrics`` (anomalib's test
+        metrics of the first seed's runs) and ``engine_metrics_per_seed``; for several, ``report`` (the
+        summary) and ``categories`` (each category's result).
+
+    Raises:
+        FileNotFoundError: If the data config or the data set is missing.
+        ValueError: If the data config, image size, seeds or a model name is wrong.
+        RunFailedError: If a run's process ends on an unexpected error.
+
+    Example:
+        >>> from pathlib import Path
+        >>> settings = CompareSettings(data=Path("configs/data/bottle.yaml"), out=Path("results/compare/bottle"))
+        >>> result = compare(settings)  # doctest: +SKIP
+        >>> sorted(result["report"]["models"])  # doctest: +SKIP
+        ['Patchcore', 'ReConPatch']
     """
     data_config = load_datamodule_config(settings.data)
     image_shape(settings.image_size)  # a bad size fails here, not after the first model's fit
@@ -76,7 +99,21 @@ def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> di
 def compare_data(
     settings: CompareSettings, data_config: dict[str, Any], fresh: dict[str, Any], log: Callable[[str], None]
 ) -> dict:
-    """:func:`compare` on one datamodule; ``fresh`` holds one unfitted model per name, to time latency with."""
+    """Run :func:`compare` on one datamodule config.
+
+    Every (model, seed) runs in its own process; the first seed's fitted states are then loaded into
+    ``fresh`` and timed in interleaved rounds, and its test outputs drawn in the figures.
+
+    Args:
+        settings (CompareSettings): What every run shares; the files go to ``settings.out``.
+        data_config (dict[str, Any]): The datamodule config of one category.
+        fresh (dict[str, Any]): One unfitted model per name, to load the fitted states into and time.
+        log (Callable[[str], None]): Receives progress lines, the runs' output and the table.
+
+    Returns:
+        dict: ``report`` (as in report.json), ``engine_metrics`` (anomalib's test metrics of the first
+        seed's runs) and ``engine_metrics_per_seed``.
+    """
     settings.out.mkdir(parents=True, exist_ok=True)
     first, *more = settings.seeds
     per_seed: dict[int, dict[str, dict]] = {}

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 MAP_SIZE = 128
+"""Side, in pixels, to which recorded anomaly maps are resized, to keep the recorded outputs small."""
 
 
 class PhaseTimer(Callback):
@@ -17,6 +18,11 @@ class PhaseTimer(Callback):
 
     ReConPatch reports its own ``fit_timings["features_s"]``; ``run_one`` takes that one, so each phase
     has a single measurement.
+
+    Attributes:
+        epoch_start (float): ``time.perf_counter()`` at the start of the training epoch.
+        features_s (float): Seconds from the epoch's start to the model's ``fit`` (feature extraction).
+        fit_s (float): Seconds spent in the model's ``fit``.
     """
 
     def __init__(self) -> None:
@@ -25,7 +31,13 @@ class PhaseTimer(Callback):
         self.fit_s = 0.0
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Wrap the model's ``fit`` once so its duration is measured exactly."""
+        """Wrap the model's ``fit`` once so its duration is measured exactly.
+
+        Args:
+            trainer (Trainer): Unused.
+            pl_module (LightningModule): The model whose ``fit`` is wrapped (marked so it is wrapped once).
+            stage (str): Lightning's stage; only ``fit`` wraps.
+        """
         del trainer
         if stage != "fit" or getattr(pl_module, "_timed_fit", False):
             return
@@ -41,13 +53,25 @@ class PhaseTimer(Callback):
         pl_module._timed_fit = True
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Feature extraction starts with the epoch."""
+        """Note the epoch's start time: feature extraction starts with the epoch.
+
+        Args:
+            trainer (Trainer): Unused.
+            pl_module (LightningModule): Unused.
+        """
         del trainer, pl_module
         self.epoch_start = time.perf_counter()
 
 
 class TestRecorder(Callback):
-    """Keeps per-image scores, labels, paths and small anomaly maps of the test run."""
+    """Keeps per-image scores, labels, paths and small anomaly maps of the test run, for the figures.
+
+    Attributes:
+        scores (list[float]): Image scores, in test order.
+        labels (list[int]): Ground-truth labels (1 anomalous).
+        paths (list[str]): Image paths.
+        maps (list[torch.Tensor]): ``MAP_SIZE x MAP_SIZE`` float32 anomaly maps on the CPU.
+    """
 
     def __init__(self) -> None:
         self.scores: list[float] = []
@@ -56,7 +80,15 @@ class TestRecorder(Callback):
         self.maps: list[torch.Tensor] = []
 
     def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any) -> None:
-        """Record one batch of predictions."""
+        """Record one batch of predictions.
+
+        Args:
+            trainer (Trainer): Unused.
+            pl_module (LightningModule): Unused.
+            outputs (Any): The batch's anomalib predictions (``pred_score``, ``gt_label``, ``image_path``,
+                ``anomaly_map``).
+            *args (Any): The batch and its indices, unused.
+        """
         del trainer, pl_module, args
         self.scores += outputs.pred_score.flatten().tolist()
         self.labels += outputs.gt_label.flatten().int().tolist()
@@ -69,12 +101,23 @@ class TestRecorder(Callback):
         self.maps += list(maps[:, 0].float().cpu())
 
     def saved(self) -> dict[str, list]:
-        """The recorded outputs as plain lists and tensors, to pass from a run's process to the parent."""
+        """Return the recorded outputs as plain lists and tensors, to pass from a run's process to the parent.
+
+        Returns:
+            dict[str, list]: ``scores``, ``labels``, ``paths`` and ``maps``.
+        """
         return {"scores": self.scores, "labels": self.labels, "paths": self.paths, "maps": self.maps}
 
     @classmethod
     def restore(cls, saved: dict[str, list]) -> TestRecorder:
-        """The inverse of :meth:`saved`."""
+        """Rebuild a recorder from :meth:`saved`'s output.
+
+        Args:
+            saved (dict[str, list]): What :meth:`saved` returned.
+
+        Returns:
+            TestRecorder: A recorder holding those outputs.
+        """
         recorder = cls()
         recorder.scores, recorder.labels, recorder.paths, recorder.maps = (
             saved[key] for key in ("scores", "labels", "paths", "maps")

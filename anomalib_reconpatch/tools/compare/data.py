@@ -11,7 +11,18 @@ import yaml
 
 
 def load_datamodule_config(path: Path) -> dict[str, Any]:
-    """Read a stock-CLI datamodule YAML (``class_path`` + ``init_args``), with errors that name the file."""
+    """Read a stock-CLI datamodule YAML (``class_path`` + ``init_args``), with errors that name the file.
+
+    Args:
+        path (Path): The YAML file, e.g. one of ``configs/data/``.
+
+    Returns:
+        dict[str, Any]: The config, with at least ``class_path``.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If it is not valid YAML or has no top-level ``class_path``.
+    """
     if not path.is_file():
         msg = f"Data config {path} does not exist: pass a YAML file with class_path and init_args (see configs/data/)."
         raise FileNotFoundError(msg)
@@ -27,7 +38,18 @@ def load_datamodule_config(path: Path) -> dict[str, Any]:
 
 
 def datamodule_class(class_path: str) -> type:
-    """The anomalib datamodule class that ``class_path`` names (short anomalib names work too)."""
+    """Import the anomalib datamodule class that ``class_path`` names.
+
+    Args:
+        class_path (str): Dotted path such as ``anomalib.data.MVTecAD``; a bare class name is looked up
+            in ``anomalib.data``.
+
+    Returns:
+        type: The datamodule class.
+
+    Raises:
+        ValueError: If the name is not an anomalib datamodule class.
+    """
     from anomalib.data import AnomalibDataModule
 
     module_name, _, class_name = class_path.rpartition(".")
@@ -39,12 +61,30 @@ def datamodule_class(class_path: str) -> type:
 
 
 def several_categories(category: Any) -> bool:
-    """``init_args.category`` names several categories: a list, or ``all``."""
+    """Whether ``init_args.category`` names several categories: a list, or ``all``.
+
+    Args:
+        category (Any): The value of ``init_args.category``.
+
+    Returns:
+        bool: True for a list or ``"all"``.
+    """
     return isinstance(category, list) or category == "all"
 
 
 def build_datamodule(config: dict[str, Any], seed: int) -> Any:
-    """Instantiate the datamodule of a stock-CLI data config, for one category."""
+    """Instantiate the datamodule of a stock-CLI data config, for one category.
+
+    Args:
+        config (dict[str, Any]): The data config (``class_path`` + ``init_args``).
+        seed (int): The datamodule's seed, unless ``init_args`` sets one.
+
+    Returns:
+        Any: The datamodule.
+
+    Raises:
+        ValueError: If the class is not an anomalib datamodule or ``init_args.category`` names several.
+    """
     cls = datamodule_class(config["class_path"])
     init_args = dict(config.get("init_args") or {})
     if several_categories(init_args.get("category")):
@@ -62,6 +102,17 @@ def split_categories(config: dict[str, Any], data: Path) -> dict[str, dict[str, 
 
     ``all`` means the data set's own category list (``CATEGORIES`` of its anomalib dataset module), so
     MVTec AD gives its 15 categories whether or not they are all on disk yet.
+
+    Args:
+        config (dict[str, Any]): The data config.
+        data (Path): Its file, named in the errors.
+
+    Returns:
+        dict[str, dict[str, Any]] | None: One config per category name, in order, or None when
+        ``init_args.category`` names one category (or none).
+
+    Raises:
+        ValueError: If ``all`` has no known list, or the names are empty, repeated or not plain folder names.
     """
     init_args = config.get("init_args") or {}
     category = init_args.get("category")
@@ -82,7 +133,16 @@ def split_categories(config: dict[str, Any], data: Path) -> dict[str, dict[str, 
 
 
 def download_failure(error: URLError, data_config: dict[str, Any], data: Path) -> str:
-    """What to do when anomalib tried to download a data set that is not on disk, and could not."""
+    """Explain what to do when anomalib tried to download a data set that is not on disk, and could not.
+
+    Args:
+        error (URLError): The download's error.
+        data_config (dict[str, Any]): The data config, whose ``init_args.root`` is named.
+        data (Path): The data config's file.
+
+    Returns:
+        str: The message: where the data was looked for, and how to point there or write the demo data.
+    """
     root = (data_config.get("init_args") or {}).get("root", "the data root")
     return (
         f"The data set is not under {root} (init_args.root in {data}), and anomalib's attempt to download it "

@@ -9,7 +9,14 @@ from .callbacks import MAP_SIZE, TestRecorder
 
 
 def plot_roc(recorders: dict[str, TestRecorder], path: Path) -> None:
-    """Image-level ROC curves of all models in one figure."""
+    """Draw the image-level ROC curves of all models in one figure, each labelled with its AUROC.
+
+    A model whose test set has a single label is left out (its curve is undefined).
+
+    Args:
+        recorders (dict[str, TestRecorder]): Each model's recorded test outputs.
+        path (Path): The PNG to write.
+    """
     import matplotlib as mpl
 
     mpl.use("Agg")
@@ -31,7 +38,16 @@ def plot_roc(recorders: dict[str, TestRecorder], path: Path) -> None:
 
 
 def pick_examples(rec: TestRecorder, count: int = 6) -> list[int]:
-    """A few anomalous images (one per defect folder first) and two normal ones, deterministic."""
+    """Pick the test images shown in the heatmap figure, the same ones every time.
+
+    Args:
+        rec (TestRecorder): A model's recorded test outputs.
+        count (int): Largest number of images.
+
+    Returns:
+        list[int]: Indices into the recorder: the first anomalous image (by path) of each folder, up to
+        ``count - 2`` of them, then the first two normal images.
+    """
     by_folder: dict[str, list[int]] = {}
     for i in sorted(range(len(rec.paths)), key=lambda i: rec.paths[i]):
         by_folder.setdefault(Path(rec.paths[i]).parent.name, []).append(i)
@@ -42,7 +58,15 @@ def pick_examples(rec: TestRecorder, count: int = 6) -> list[int]:
 
 
 def find_mask(image_path: str) -> Path | None:
-    """The MVTec-style ground-truth mask of a test image, if there is one."""
+    """Find the MVTec-style ground-truth mask of a test image.
+
+    Args:
+        image_path (str): The test image, ``<category>/test/<defect>/<name>``.
+
+    Returns:
+        Path | None: ``<category>/ground_truth/<defect>/<name>_mask.png`` or ``<name>.png``, whichever
+        exists, or None.
+    """
     path = Path(image_path)
     for candidate in (
         path.parents[2] / "ground_truth" / path.parent.name / f"{path.stem}_mask.png",
@@ -57,7 +81,14 @@ def heatmap_figure(recorders: dict[str, TestRecorder]) -> Any:
     """Grid: each row one test image, then each model's anomaly map, then the ground-truth mask.
 
     Each model's maps share one colour scale, its lowest to its highest value over the whole test
-    set, so a good image's map looks as cool as it is (per-image scaling painted good images red).
+    set, so a good image's map looks as cool as it is (per-image scaling would paint good images red).
+
+    Args:
+        recorders (dict[str, TestRecorder]): Each model's recorded test outputs; the images are picked
+            from the first one's (:func:`pick_examples`).
+
+    Returns:
+        Any: The matplotlib figure.
     """
     import matplotlib as mpl
 
@@ -96,7 +127,12 @@ def heatmap_figure(recorders: dict[str, TestRecorder]) -> Any:
 
 
 def plot_heatmaps(recorders: dict[str, TestRecorder], path: Path) -> None:
-    """Write :func:`heatmap_figure` to ``path``."""
+    """Write :func:`heatmap_figure` to ``path``.
+
+    Args:
+        recorders (dict[str, TestRecorder]): Each model's recorded test outputs.
+        path (Path): The PNG to write.
+    """
     import matplotlib.pyplot as plt
 
     fig = heatmap_figure(recorders)

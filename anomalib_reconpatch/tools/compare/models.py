@@ -8,7 +8,12 @@ from .settings import CompareSettings, image_shape
 
 
 def make_evaluator() -> Any:
-    """Anomalib's metrics: image AUROC and F1 (adaptive threshold), pixel AUROC and PRO (AUPRO to 30% FPR)."""
+    """Build the evaluator that every compared model gets.
+
+    Returns:
+        Any: anomalib's ``Evaluator`` with image AUROC and F1 (adaptive threshold), pixel AUROC, and
+        ``pixel_PRO`` (AUPRO up to a 30% false-positive rate).
+    """
     from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
 
     pro = AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", fpr_limit=0.3, strict=False)
@@ -24,7 +29,21 @@ def make_evaluator() -> Any:
 
 
 def build_model(name: str, settings: CompareSettings) -> Any:
-    """ReConPatch or any anomalib memory-bank model by class name, on the shared settings."""
+    """Build ReConPatch or any anomalib memory-bank model by class name, on the shared settings.
+
+    Every model gets the same backbone, layers, coreset ratio, image size and evaluator, and no
+    visualizer; ReConPatch also gets ``settings.reconpatch_args``.
+
+    Args:
+        name (str): An ``anomalib.models`` class name, such as ``ReConPatch`` or ``Patchcore``.
+        settings (CompareSettings): The shared settings.
+
+    Returns:
+        Any: The unfitted Lightning model.
+
+    Raises:
+        ValueError: If ``anomalib.models`` has no class of that name.
+    """
     import anomalib.models
 
     from ...reconpatch import lightning_model  # noqa: F401 - importing it registers anomalib.models.ReConPatch

@@ -11,10 +11,17 @@ from ..latency import split_latency_ms
 
 
 def latency_images(datamodule: Any, count: int) -> list[torch.Tensor]:
-    """``count`` test images spread evenly over the test set, read from the dataset itself.
+    """Pick ``count`` test images spread evenly over the test set, read from the dataset itself.
 
     No dataloader, so no worker processes exist while a model is timed (a live test iterator and its
-    workers used to slow down whichever model was timed first).
+    workers would slow down whichever model is timed first).
+
+    Args:
+        datamodule (Any): The set-up anomalib datamodule.
+        count (int): Number of images; fewer for a smaller test set.
+
+    Returns:
+        list[torch.Tensor]: The ``C x H x W`` image tensors, as the dataset returns them.
     """
     dataset = datamodule.test_data
     indices = sorted({round(i * (len(dataset) - 1) / max(count - 1, 1)) for i in range(count)})
@@ -22,9 +29,16 @@ def latency_images(datamodule: Any, count: int) -> list[torch.Tensor]:
 
 
 def image_latency_ms(model: Any, images: list[torch.Tensor]) -> dict[str, float]:
-    """Median per-image time of the full forward (pre-processing, model, post-processing) at batch size 1.
+    """Measure the median per-image time of the full forward (pre-processing, model, post-processing) at batch 1.
 
     Also split into ``backbone_ms``, ``search_ms`` and ``rest_ms`` (see ``tools/latency.py``), after a warm-up.
+
+    Args:
+        model (Any): The fitted Lightning model, put in eval mode.
+        images (list[torch.Tensor]): ``C x H x W`` images, from :func:`latency_images`.
+
+    Returns:
+        dict[str, float]: ``latency_ms``, ``backbone_ms``, ``search_ms`` and ``rest_ms``.
     """
     model.eval()
     gc.collect()

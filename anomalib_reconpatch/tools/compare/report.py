@@ -19,6 +19,7 @@ import torch
 from .settings import CompareSettings, image_shape
 
 METRIC_KEYS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_PRO")
+"""anomalib's test metrics that the report shows, in table order."""
 TIMING_KEYS = (
     "fit_s",
     "features_s",
@@ -31,10 +32,16 @@ TIMING_KEYS = (
     "rest_ms",
     "peak_rss_mb",
 )
+"""Timings and memory that the report shows after the metrics, in table order."""
 
 
 def machine() -> dict[str, Any]:
-    """The CPU's model name (from ``/proc/cpuinfo`` on Linux), its core count and the Python version."""
+    """Describe the machine the report was made on.
+
+    Returns:
+        dict[str, Any]: ``cpu`` (the model name from ``/proc/cpuinfo`` on Linux, else what ``platform``
+        says), ``cpu_count`` and ``python`` (the version).
+    """
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError, StopIteration):
         cpu = next(
@@ -46,7 +53,11 @@ def machine() -> dict[str, Any]:
 
 
 def versions() -> dict[str, Any]:
-    """Library versions and CPU count, for the report."""
+    """Collect the library versions and the CPU count, for the report.
+
+    Returns:
+        dict[str, Any]: Versions of anomalib, torch, timm and OpenVINO, and ``cpu_count``.
+    """
     import anomalib
     import openvino
     import timm
@@ -61,12 +72,24 @@ def versions() -> dict[str, Any]:
 
 
 def command_line() -> str:
-    """The command that made the report, as a shell would take it (``reconpatch compare ...``)."""
+    """Quote the command that made the report, as a shell would take it.
+
+    Returns:
+        str: ``reconpatch compare ...``: the program's file name and its arguments, shell-quoted.
+    """
     return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
 def markdown_table(models: dict[str, dict]) -> str:
-    """Side-by-side table; the difference column is first model minus second."""
+    """Format the models' numbers side by side as a Markdown table.
+
+    Args:
+        models (dict[str, dict]): Each model's numbers; keys of ``METRIC_KEYS``, ``TIMING_KEYS`` and
+            ``memory_bank`` (a shape) are shown, rows that no model has are left out.
+
+    Returns:
+        str: The table; with exactly two models, a difference column (first model minus second).
+    """
     names = list(models)
     head = "| metric | " + " | ".join(names) + (" | difference |" if len(names) == 2 else " |")
     rule = "|---" * (len(names) + 1 + (len(names) == 2)) + "|"
@@ -86,7 +109,15 @@ def markdown_table(models: dict[str, dict]) -> str:
 
 
 def mean_over_runs(per_run: dict[Any, dict[str, dict]]) -> dict[str, dict]:
-    """Each model's numbers averaged over seeds or categories; non-float values (bank shape) come from the first."""
+    """Average each model's numbers over seeds or categories.
+
+    Args:
+        per_run (dict[Any, dict[str, dict]]): For each seed or category, each model's numbers.
+
+    Returns:
+        dict[str, dict]: Each model's float values averaged; other values (the bank's shape) come from the
+        first run.
+    """
     runs = list(per_run.values())
     means = {}
     for name, first in runs[0].items():
@@ -98,13 +129,29 @@ def mean_over_runs(per_run: dict[Any, dict[str, dict]]) -> dict[str, dict]:
 
 
 def spread_over_seeds(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict[str, float]]:
-    """Sample standard deviation of each model's metrics over the seeds (needs two or more)."""
+    """Compute the sample standard deviation of each model's metrics over the seeds.
+
+    Args:
+        per_seed (dict[int, dict[str, dict]]): Each seed's numbers per model; two seeds or more.
+
+    Returns:
+        dict[str, dict[str, float]]: For each model, the deviation of every ``METRIC_KEYS`` metric.
+    """
     runs = list(per_seed.values())
     return {name: {key: statistics.stdev(run[name][key] for run in runs) for key in METRIC_KEYS} for name in runs[0]}
 
 
 def seed_table(per_seed: dict[int, dict[str, dict]], spread: dict[str, dict[str, float]]) -> str:
-    """Per-metric rows: each model's value for every seed, in order, and their standard deviation."""
+    """Format each model's metrics per seed as a Markdown table.
+
+    Args:
+        per_seed (dict[int, dict[str, dict]]): Each seed's numbers per model.
+        spread (dict[str, dict[str, float]]): Each model's standard deviation per metric.
+
+    Returns:
+        str: One row per metric; each cell holds a model's value for every seed, in order, and their
+        standard deviation.
+    """
     names = list(spread)
     rows = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for key in METRIC_KEYS:
@@ -117,15 +164,32 @@ def seed_table(per_seed: dict[int, dict[str, dict]], spread: dict[str, dict[str,
 
 
 def settings_record(settings: CompareSettings, data_config: dict[str, Any]) -> dict[str, Any]:
-    """The settings as report.json holds them: paths as text, and the data config that was read."""
+    """Record the settings as report.json holds them.
+
+    Args:
+        settings (CompareSettings): The comparison's settings.
+        data_config (dict[str, Any]): The datamodule config that was read.
+
+    Returns:
+        dict[str, Any]: The settings' fields, paths as text, and ``data_config``.
+    """
     return {**asdict(settings), "data": str(settings.data), "out": str(settings.out), "data_config": data_config}
 
 
 CATEGORY_COLUMNS = ("image_AUROC", "pixel_AUROC", "pixel_PRO", "fit_s", "latency_ms")
+"""The numbers that the summary over categories shows for each category."""
 
 
 def category_table(per_category: dict[str, dict[str, dict]]) -> str:
-    """One row per category (linked to its own report), each cell every model's value in order."""
+    """Format the categories' numbers as a Markdown table.
+
+    Args:
+        per_category (dict[str, dict[str, dict]]): Each category's numbers per model.
+
+    Returns:
+        str: One row per category, linked to its own report.md; each cell holds every model's value of
+        one ``CATEGORY_COLUMNS`` entry, in order.
+    """
     names = list(next(iter(per_category.values())))
     head = "| category | " + " | ".join(f"{key} ({' / '.join(names)})" for key in CATEGORY_COLUMNS) + " |"
     rows = [head, "|---" * (len(CATEGORY_COLUMNS) + 1) + "|"]
@@ -138,7 +202,18 @@ def category_table(per_category: dict[str, dict[str, dict]]) -> str:
 def write_category_summary(
     settings: CompareSettings, data_config: dict[str, Any], results: dict[str, dict], log: Callable[[str], None]
 ) -> dict:
-    """``report.json`` and ``report.md`` over the categories: the means over them, and each category's numbers."""
+    """Write ``report.json`` and ``report.md`` over the categories into ``settings.out``.
+
+    Args:
+        settings (CompareSettings): The comparison's settings.
+        data_config (dict[str, Any]): The datamodule config that was read (with its list of categories).
+        results (dict[str, dict]): Each category's :func:`compare_data` result.
+        log (Callable[[str], None]): Where the table and the report's path are printed.
+
+    Returns:
+        dict: The report as written to ``report.json``: each model's means over the categories, each
+        category's numbers, the settings, versions, machine and command.
+    """
     per_category = {category: result["report"]["models"] for category, result in results.items()}
     means = {
         name: {key: value for key, value in model.items() if isinstance(value, float)}
@@ -178,16 +253,16 @@ def write_data_report(
     """Write ``report.json`` and ``report.md`` of one datamodule's comparison into ``settings.out``.
 
     Args:
-        settings: the comparison's settings.
-        data_config: the datamodule config that was read.
-        models: each model's numbers (means over the seeds, latency included).
-        per_seed: each seed's numbers per model.
-        spread: each model's standard deviation over the seeds, or None for one seed.
-        log: where the table and the report's path are printed.
+        settings (CompareSettings): The comparison's settings.
+        data_config (dict[str, Any]): The datamodule config that was read.
+        models (dict[str, dict]): Each model's numbers (means over the seeds, latency included).
+        per_seed (dict[int, dict[str, dict]]): Each seed's numbers per model.
+        spread (dict[str, dict[str, float]] | None): Each model's standard deviation over the seeds, or
+            None for one seed.
+        log (Callable[[str], None]): Where the table and the report's path are printed.
 
     Returns:
-        The report as written to ``report.json``.
-
+        dict: The report as written to ``report.json``.
     """
     report = {
         "models": models,

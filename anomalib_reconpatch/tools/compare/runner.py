@@ -33,8 +33,17 @@ def run_one(
 ) -> dict:
     """Train and test one model with one seed (inside that run's own process).
 
-    Returns plain data for the parent: its metrics and timings, anomalib's test metrics, the recorded
-    test outputs, the fitted model's state and the fixed test images that ``compare`` times it on.
+    Args:
+        name (str): The model's class name (see :func:`models.build_model`).
+        settings (CompareSettings): The shared settings.
+        seed (int): Seed of Lightning, the datamodule and the model.
+        data_config (dict[str, Any]): The datamodule config of one category.
+        log (Callable[[str], None]): Receives progress lines and the run's numbers.
+
+    Returns:
+        dict: Plain data for the parent: ``result`` (its metrics, timings, peak memory and bank shape),
+        ``engine_metrics`` (anomalib's test metrics), ``outputs`` (the recorded test outputs), ``state``
+        (the fitted model's state) and ``images`` (the fixed test images that ``compare`` times it on).
     """
     from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
@@ -81,6 +90,7 @@ def run_one(
 
 
 USER_ERRORS: dict[str, type[Exception]] = {error.__name__: error for error in BAD_INPUT_ERRORS}
+"""The bad-input errors by name, so a child's error can be raised again in the parent with its type."""
 
 
 class RunFailedError(RuntimeError):
@@ -88,7 +98,15 @@ class RunFailedError(RuntimeError):
 
 
 def describe_exit(code: int) -> str:
-    """How a run's process ended, in words: a kill by the out-of-memory killer should say so."""
+    """Say in words how a run's process ended; a kill by the out-of-memory killer should say so.
+
+    Args:
+        code (int): The process's return code; negative for a signal.
+
+    Returns:
+        str: The exit code, or the signal's name; for ``SIGKILL``, the likely out-of-memory kill and
+        the settings that use less memory.
+    """
     if code >= 0:
         return f"exited with code {code}; its error is printed above"
     try:
@@ -111,6 +129,21 @@ def run_in_process(
 
     The child's output lines go to ``log``; a bad-input error in the child (a missing data folder,
     say) is raised here again with its own type and message.
+
+    Args:
+        name (str): The model's class name.
+        settings (CompareSettings): The shared settings.
+        seed (int): The run's seed.
+        data_config (dict[str, Any]): The datamodule config of one category.
+        log (Callable[[str], None]): Receives the child's output lines.
+
+    Returns:
+        dict: What :func:`run_one` returned in the child.
+
+    Raises:
+        RunFailedError: If the child ended on an unexpected error or wrote no result.
+        ValueError, FileExistsError, FileNotFoundError: The child's bad-input error (``BAD_INPUT_ERRORS``),
+            raised again with its own type and message.
     """
     with tempfile.TemporaryDirectory(prefix="reconpatch-compare-") as folder:
         job, result = Path(folder) / "job.json", Path(folder) / "result.pt"
@@ -133,7 +166,15 @@ def run_in_process(
 
 
 def run_child(job: Path, result: Path) -> None:
-    """The child's side of :func:`run_in_process`: read the job, run it, save plain data (or the user error)."""
+    """Run the child's side of :func:`run_in_process`: read the job, run it, save plain data.
+
+    A bad-input error, or a failed download of a data set that is not on disk, is saved as
+    ``{"error": type name, "message": ...}`` for the parent to raise; any other error ends the process.
+
+    Args:
+        job (Path): The job's JSON (model name, seed, data config and settings).
+        result (Path): Where to save the result with ``torch.save``.
+    """
     spec = json.loads(job.read_text())
     fields = spec["settings"]
     size = fields["image_size"]
