@@ -46,3 +46,18 @@ def test_gradient_reaches_z_only_and_is_finite_with_duplicates() -> None:
     assert torch.isfinite(z.grad).all()
     assert z.grad.abs().sum() > 0
     assert w.grad is None
+
+
+def test_pull_and_push_pairs_by_hand_on_three_points_of_a_line() -> None:
+    """Points 0, 1, 3: relative distances 1/2, 3/2 (row 0), 2/3, 4/3 (row 1), 6/5, 4/5 (row 2); w = 1/4, m = 1."""
+    from anomalib_reconpatch.reconpatch.loss import relaxed_contrastive_pairs
+
+    z = torch.tensor([[0.0], [1.0], [3.0]])
+    pull, push = relaxed_contrastive_pairs(z, torch.full((3, 3), 0.25), margin=1.0)
+    rel = torch.tensor([[0.0, 1 / 2, 3 / 2], [2 / 3, 0.0, 4 / 3], [6 / 5, 4 / 5, 0.0]])
+    off = ~torch.eye(3, dtype=torch.bool)
+    assert torch.allclose(pull, 0.25 * rel**2 * off, atol=1e-6)
+    assert torch.allclose(push, 0.75 * (1 - rel).clamp_min(0) ** 2 * off, atol=1e-6)
+    assert push[0, 1] == pytest.approx(0.1875)
+    assert push[0, 2] == 0
+    assert relaxed_contrastive_loss(z, torch.full((3, 3), 0.25)) == pytest.approx(float(pull.sum() + push.sum()) / 3)

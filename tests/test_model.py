@@ -208,3 +208,22 @@ def test_checkpoint_round_trip_gives_identical_scores(trained: tuple, tmp_path: 
     for a, b in zip(before, after, strict=True):
         assert torch.equal(a.pred_score, b.pred_score)
         assert torch.equal(a.anomaly_map, b.anomaly_map)
+
+
+def test_the_step_hook_sees_every_step_and_leaves_the_training_unchanged() -> None:
+    features = torch.randn(600, 152, generator=torch.Generator().manual_seed(0))
+
+    def trained(on_step: object) -> torch.Tensor:
+        model = ReConPatch(backbone=BACKBONE, layers=LAYERS, pre_trained=False, num_steps=6, patches_per_step=48)
+        torch.manual_seed(1)
+        with torch.enable_grad():
+            model.train_representation(features, on_step=on_step)
+        return model.model.representation.weight.detach().clone()
+
+    seen = []
+    hooked = trained(seen.append)
+    assert [state.step for state in seen] == list(range(6))
+    assert all(state.batch.shape == (48, 152) and state.weights.shape == (48, 48) for state in seen)
+    assert all(math.isfinite(state.loss) for state in seen)
+    assert torch.equal(hooked, trained(None))
+    assert not torch.equal(hooked, torch.eye(152))

@@ -37,7 +37,8 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,31 @@ from .validation import (
 logger = logging.getLogger(__name__)
 
 NON_FINITE = "The backbone produced NaN or inf patch features: check the training images and normalisation."
+
+
+@dataclass(frozen=True)
+class RepresentationStep:
+    """What one step of :meth:`ReConPatch.train_representation` saw, before its update.
+
+    Attributes:
+        step (int): Zero-based step index.
+        batch (torch.Tensor): The ``B x D`` patch features of the step.
+        weights (torch.Tensor): Their ``B x B`` pseudo-labels from the target networks.
+        loss (float): The online networks' loss on them.
+        online_f (nn.Module): The representation being trained.
+        online_g (nn.Module): The projection being trained.
+        target_f (nn.Module): The EMA copy of ``f``.
+        target_g (nn.Module): The EMA copy of ``g``.
+    """
+
+    step: int
+    batch: torch.Tensor
+    weights: torch.Tensor
+    loss: float
+    online_f: nn.Module
+    online_g: nn.Module
+    target_f: nn.Module
+    target_g: nn.Module
 
 
 class ReConPatch(MemoryBankMixin, AnomalibModule):
@@ -346,7 +372,11 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         }
         logger.info("ReConPatch fit: %s, memory bank %s", self.fit_timings, tuple(self.model.memory_bank.shape))
 
-    def train_representation(self, features: torch.Tensor | SpilledFeatures) -> None:
+    def train_representation(
+        self,
+        features: torch.Tensor | SpilledFeatures,
+        on_step: Callable[[RepresentationStep], None] | None = None,
+    ) -> None:
         """Train ``f`` (kept) and ``g`` (discarded) with the relaxed contrastive loss on random patch mini-batches.
 
         Each step draws ``patches_per_step`` patches with replacement, computes their pseudo-labels on
@@ -356,6 +386,9 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         Args:
             features (torch.Tensor | SpilledFeatures): ``N x D`` training patch features, in memory or
                 spilled to a file.
+            on_step (Callable[[RepresentationStep], None] | None): Called at every step, after the loss and
+                before the update, with what the step saw; for diagnostics (``benchmarks/training_trace.py``).
+                It must not draw random numbers, or the training changes. Defaults to ``None``.
 
         Raises:
             ValueError: If ``N`` is not more than ``k``.
@@ -387,6 +420,8 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
                         f"(loss {value}): lower --model.learning_rate or check the training images."
                     )
                     raise FloatingPointError(msg)
+                if on_step is not None:
+                    on_step(RepresentationStep(step, x, weights, value, online_f, online_g, target_f, target_g))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

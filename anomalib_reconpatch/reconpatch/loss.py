@@ -42,6 +42,37 @@ def relaxed_contrastive_loss(z: torch.Tensor, weights: torch.Tensor, margin: flo
         >>> relaxed_contrastive_loss(z, torch.zeros(2, 2))
         tensor(0.)
     """
+    pull, push = relaxed_contrastive_pairs(z, weights, margin)
+    return (pull + push).sum() / z.shape[0]
+
+
+def relaxed_contrastive_pairs(
+    z: torch.Tensor, weights: torch.Tensor, margin: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-pair pull and push terms of :func:`relaxed_contrastive_loss`, zero on the diagonal.
+
+    Their sum over all pairs, divided by ``N``, is the loss; apart, they show whether a loss moves
+    because similar pairs drift apart (pull) or dissimilar pairs come inside the margin (push).
+
+    Args:
+        z (torch.Tensor): ``N x E`` online projections ``g(f(x))``.
+        weights (torch.Tensor): ``N x N`` pseudo-labels ``w_ij`` in ``[0, 1]``; detached.
+        margin (float): Margin ``m`` on the relative distances. Defaults to ``1.0``.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: ``N x N`` terms ``w_ij d_ij^2`` and ``(1 - w_ij) max(0, m - d_ij)^2``.
+
+    Example:
+        >>> import torch
+        >>> from anomalib_reconpatch.reconpatch.loss import relaxed_contrastive_pairs
+        >>> pull, push = relaxed_contrastive_pairs(torch.eye(2), torch.full((2, 2), 0.5), margin=2.0)
+        >>> pull
+        tensor([[0.0000, 0.5000],
+                [0.5000, 0.0000]])
+        >>> push
+        tensor([[0.0000, 0.5000],
+                [0.5000, 0.0000]])
+    """
     n = z.shape[0]
     off_diagonal = ~torch.eye(n, dtype=torch.bool, device=z.device)
     sq = squared_distances(z)
@@ -51,7 +82,7 @@ def relaxed_contrastive_loss(z: torch.Tensor, weights: torch.Tensor, margin: flo
     weights = weights.detach()
     pull = weights * rel.pow(2)
     push = (1.0 - weights) * (margin - rel).clamp_min(0.0).pow(2)
-    return ((pull + push) * off_diagonal).sum() / n
+    return pull * off_diagonal, push * off_diagonal
 
 
 class RelaxedContrastiveLoss(nn.Module):
