@@ -80,6 +80,24 @@ def command_line() -> str:
     return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
+def provenance(settings: CompareSettings, data_config: dict[str, Any]) -> dict[str, Any]:
+    """What every report records about how it was made: settings, library versions, machine and command.
+
+    Args:
+        settings (CompareSettings): The comparison's settings.
+        data_config (dict[str, Any]): The datamodule config that was read.
+
+    Returns:
+        dict[str, Any]: ``settings``, ``versions``, ``machine`` and ``command`` entries.
+    """
+    return {
+        "settings": settings_record(settings, data_config),
+        "versions": versions(),
+        "machine": machine(),
+        "command": command_line(),
+    }
+
+
 def markdown_table(models: dict[str, dict]) -> str:
     """Format the models' numbers side by side as a Markdown table.
 
@@ -219,14 +237,7 @@ def write_category_summary(
         name: {key: value for key, value in model.items() if isinstance(value, float)}
         for name, model in mean_over_runs(per_category).items()
     }
-    report = {
-        "models": means,
-        "per_category": per_category,
-        "settings": settings_record(settings, data_config),
-        "versions": versions(),
-        "machine": machine(),
-        "command": command_line(),
-    }
+    report = {"models": means, "per_category": per_category, **provenance(settings, data_config)}
     (settings.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     table = markdown_table(means)
     text = (
@@ -264,15 +275,7 @@ def write_data_report(
     Returns:
         dict: The report as written to ``report.json``.
     """
-    report = {
-        "models": models,
-        "per_seed": per_seed,
-        "spread": spread,
-        "settings": settings_record(settings, data_config),
-        "versions": versions(),
-        "machine": machine(),
-        "command": command_line(),
-    }
+    report = {"models": models, "per_seed": per_seed, "spread": spread, **provenance(settings, data_config)}
     (settings.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     table = markdown_table(models)
     category = (data_config.get("init_args") or {}).get("category")
