@@ -1,6 +1,6 @@
 """The README's results table, read from the reports that ``benchmarks/readme_results.sh`` wrote.
 
-    python benchmarks/readme_table.py docs/results/bottle docs/results/kolektorsdd docs/results/mpdd_metal_plate
+    python benchmarks/readme_table.py docs/results/bottle docs/results/ksdd docs/results/mpdd_metal_plate
 
 Each row is one data set and model: image AUROC, pixel AUROC and PRO as mean ± sample standard
 deviation over the report's seeds, the mean fit time and the largest peak memory of any seed.
