@@ -7,18 +7,8 @@ trained on the normal images alone with a relaxed contrastive loss whose soft ta
 and a contextual similarity from EMA copies of ``f`` and its projection ``g``. A coreset of
 ``f(features)`` is the memory bank; a test patch scores its distance to the nearest bank row.
 
-Example:
-    >>> from anomalib.data import MVTecAD
-    >>> from anomalib.engine import Engine
-    >>> from anomalib_reconpatch.reconpatch import ReConPatch
-    >>> datamodule = MVTecAD(root="datasets/MVTecAD", category="bottle")  # doctest: +SKIP
-    >>> model = ReConPatch(backbone="tf_efficientnet_lite0", layers=["blocks.2", "blocks.4"])  # doctest: +SKIP
-    >>> engine = Engine()  # doctest: +SKIP
-    >>> engine.fit(model=model, datamodule=datamodule)  # doctest: +SKIP
-    >>> predictions = engine.test(model=model, datamodule=datamodule)  # doctest: +SKIP
-
+Training, testing and export with anomalib's ``Engine``: the Example of :mod:`.lightning_model`.
 See ``README.md`` beside this file for the method, the choices where the paper is silent and benchmarks.
-
 """
 
 from .lightning_model import ReConPatch
