@@ -1,8 +1,8 @@
 """Start-up hook (run from ``anomalib_reconpatch.pth``): make ``--model ReConPatch`` resolve in anomalib's CLI.
 
 It only adds a tiny import finder. Nothing is imported until some code imports
-``anomalib.models``; right after that module finishes loading, ``anomalib_reconpatch.reconpatch.lightning_model``
-is imported so ``ReConPatch`` is a known ``AnomalibModule`` subclass before the CLI parses.
+``anomalib.models``; right after that module finishes loading, ``anomalib_reconpatch.reconpatch`` is imported
+so ``ReConPatch`` and ``ReConPatchEnsemble`` are known ``AnomalibModule`` subclasses before the CLI parses.
 """
 
 import sys
@@ -27,7 +27,7 @@ class _ReConPatchRegistrar:
         def exec_module(module):  # noqa: ANN001, ANN202
             original_exec(module)
             try:
-                import anomalib_reconpatch.reconpatch.lightning_model  # noqa: F401 - registers itself on import
+                import anomalib_reconpatch.reconpatch  # noqa: F401 - its models register themselves on import
             except ImportError as error:
                 print(f"anomalib-reconpatch: could not register ReConPatch ({error})", file=sys.stderr)
 

@@ -4,15 +4,15 @@
 - ``anomalib_reconpatch.components``: reusable pieces the model builds on (backbone, coreset, spill, ...).
 - ``anomalib_reconpatch.tools``: the ``reconpatch`` command; the model never imports it.
 
-``ReConPatch`` and ``ReConPatchModel`` are imported on first use, so ``reconpatch predict`` runs on
-OpenVINO without torch or anomalib.
+``ReConPatch``, ``ReConPatchEnsemble`` and ``ReConPatchModel`` are imported on first use, so
+``reconpatch predict`` runs on OpenVINO without torch or anomalib.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ReConPatch", "ReConPatchModel"]
+__all__ = ["ReConPatch", "ReConPatchEnsemble", "ReConPatchModel"]
 __version__ = "0.1.0"
 
 
@@ -23,7 +23,8 @@ def __getattr__(name: str) -> Any:
         name (str): The attribute asked for.
 
     Returns:
-        Any: The ``ReConPatch`` Lightning model class or the ``ReConPatchModel`` torch model class.
+        Any: The ``ReConPatch`` or ``ReConPatchEnsemble`` Lightning model class, or the ``ReConPatchModel``
+        torch model class.
 
     Raises:
         AttributeError: For any other name.
@@ -32,6 +33,10 @@ def __getattr__(name: str) -> Any:
         from .reconpatch.lightning_model import ReConPatch
 
         return ReConPatch
+    if name == "ReConPatchEnsemble":
+        from .reconpatch.ensemble import ReConPatchEnsemble
+
+        return ReConPatchEnsemble
     if name == "ReConPatchModel":
         from .reconpatch.torch_model import ReConPatchModel
 

@@ -7,7 +7,9 @@ published numbers come from ``reconpatch compare``; this script only finds where
     python benchmarks/sweep.py --data configs/data/kolektorsdd.yaml --coreset-ratio 0.01 \
         --setting num_steps=0 --setting learning_rate=1e-3 --setting learning_rate=1e-4,num_steps=2000
 
-A ``seed=N`` item (default 0) seeds that setting's run, to see the spread over seeds; a
+A ``seed=N`` item (default 0) seeds that setting's run, to see the spread over seeds; ``--seeds 0 1 2``
+runs every setting once per seed and ends with a table of mean ± sd over the seeds, which ``--out``
+also writes as Markdown (with the command that made it); a
 ``coreset=SPACE`` item chooses where the bank is selected (``select_bank``); ``num_steps=0,scale_top=X``
 scales the 10 strongest principal directions by X instead of training; ``init=default`` starts ``f`` from
 PyTorch's default (random) initialisation instead of the identity. Each line
@@ -17,6 +19,8 @@ gain along the training features' strongest and weakest principal directions.
 
 from __future__ import annotations
 
+import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +35,17 @@ from anomalib_reconpatch.components.coreset import FastKCenterGreedy, greedy_k_c
 
 def parse_setting(text: str) -> dict:
     """``a=1,b=2`` -> ``{"a": 1, "b": 2}`` (YAML values)."""
-    return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in text.split(",") if item)}
+    return {k: number(yaml.safe_load(v)) for k, v in (item.split("=", 1) for item in text.split(",") if item)}
+
+
+def number(value: object) -> object:
+    """YAML 1.1 reads ``1e-5`` as text: give such a value back as the float it means."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def select_bank(embedded: torch.Tensor, raw: torch.Tensor, ratio: float, space: str) -> torch.Tensor:
@@ -88,11 +102,29 @@ def scaled_top_directions(directions: torch.Tensor, factor: float, count: int = 
     return (directions * gains @ directions.T).float()
 
 
+def summary_table(rows: dict[str, list[dict[str, float]]]) -> str:
+    """Markdown table of each setting's mean ± sd over its runs (sd with ``n - 1``; blank for one run)."""
+    lines = [
+        "| setting | runs | image AUROC | pixel AUROC | PRO | training s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for text, runs in rows.items():
+        cells = []
+        for key, digits in (("image_AUROC", 4), ("pixel_AUROC", 4), ("PRO", 4), ("train_s", 0)):
+            values = torch.tensor([run[key] for run in runs], dtype=torch.float64)
+            spread = f" ± {values.std():.{digits}f}" if len(values) > 1 else ""
+            cells.append(f"{values.mean():.{digits}f}{spread}")
+        lines.append(f"| `{text or 'defaults'}` | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
-    """Run each setting and print image AUROC, pixel AUROC and PRO."""
+    """Run each setting (for each of ``--seeds``) and print image AUROC, pixel AUROC and PRO."""
     parser = data_parser(__doc__)
     parser.add_argument("--coreset-ratio", type=float, default=0.01)
     parser.add_argument("--setting", action="append", default=[])
+    parser.add_argument("--seeds", type=int, nargs="+", help="run every setting with each seed and summarise")
+    parser.add_argument("--out", type=Path, help="write the summary table here (Markdown)")
     parser.add_argument("--by-type", action="store_true", help="also print PRO per defect folder")
     args = parser.parse_args()
     datamodule, base = load_data(args, coreset_sampling_ratio=args.coreset_ratio)
@@ -102,45 +134,73 @@ def main() -> None:
     print(f"train patches {tuple(train_flat.shape)}, test images {len(test['labels'])}")
     directions = principal_directions(train_flat)
     groups = defect_groups(datamodule) if args.by_type else {}
+    rows: dict[str, list[dict[str, float]]] = {}
     for text in args.setting or [""]:
-        setting = parse_setting(text)
-        torch.manual_seed(setting.pop("seed", 0))
-        coreset_space = setting.pop("coreset", "features")
-        top_factor = setting.pop("scale_top", None)
-        random_init = setting.pop("init", "identity") == "default"
-        model = ReConPatch(
-            backbone=args.backbone, layers=args.layers, coreset_sampling_ratio=args.coreset_ratio, **setting
-        )
-        model.model.feature_extractor = base.model.feature_extractor
-        if random_init:
-            model.model.representation.reset_parameters()
-        start = time.perf_counter()
-        with torch.enable_grad():
-            model.train_representation(train_flat)
-        trained = time.perf_counter() - start
-        if top_factor is not None:
-            model.model.representation.weight.data = scaled_top_directions(directions, top_factor)
-        with torch.no_grad():
-            embedded = model.model.embed(train_flat)
-            model.model.memory_bank = select_bank(embedded, train_flat, args.coreset_ratio, coreset_space)
-        scores, maps = score(model, test["features"], size)
-        metrics = evaluate(scores, maps, test)
-        weight = model.model.representation.weight.detach()
-        singular = torch.linalg.svdvals(weight)
-        top, bottom = principal_gains(weight, directions)
-        print(
-            f"{text or 'defaults':60s} image_AUROC {metrics['image_AUROC']:.4f} "
-            f"pixel_AUROC {metrics['pixel_AUROC']:.4f} PRO {metrics['PRO']:.4f} train {trained:.0f}s "
-            f"f singular values {singular.min():.2f}-{singular.max():.2f}, "
-            f"gain on top/bottom 10 principal directions {top:.2f}/{bottom:.2f}",
-            flush=True,
-        )
-        if groups:
-            pro = {
-                name: evaluate(scores[rows], maps[rows], {"labels": test["labels"][rows], "masks": test["masks"][rows]})
-                for name, rows in groups.items()
-            }
-            print("    PRO by defect folder: " + ", ".join(f"{k} {v['PRO']:.4f}" for k, v in pro.items()), flush=True)
+        for seed in args.seeds or [None]:
+            run = text if seed is None else ",".join(item for item in (text, f"seed={seed}") if item)
+            rows.setdefault(text, []).append(
+                run_setting(run, args, base, train_flat, test, size, directions, groups, datamodule)
+            )
+    if args.seeds:
+        table = summary_table(rows)
+        print(table, flush=True)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            command = "python " + " ".join(sys.argv)
+            args.out.write_text(
+                f"`{command}`\n\n{args.data.stem}, {args.backbone}, coreset ratio {args.coreset_ratio}\n\n{table}"
+            )
+
+
+def run_setting(
+    text: str,
+    args: argparse.Namespace,
+    base: ReConPatch,
+    train_flat: torch.Tensor,
+    test: dict,
+    size: tuple[int, int],
+    directions: torch.Tensor,
+    groups: dict[str, torch.Tensor],
+    datamodule: object,
+) -> dict[str, float]:
+    """Train, select the bank and score the cached test split for one setting; print and return its metrics."""
+    setting = parse_setting(text)
+    torch.manual_seed(setting.pop("seed", 0))
+    coreset_space = setting.pop("coreset", "features")
+    top_factor = setting.pop("scale_top", None)
+    random_init = setting.pop("init", "identity") == "default"
+    model = ReConPatch(backbone=args.backbone, layers=args.layers, coreset_sampling_ratio=args.coreset_ratio, **setting)
+    model.model.feature_extractor = base.model.feature_extractor
+    if random_init:
+        model.model.representation.reset_parameters()
+    start = time.perf_counter()
+    with torch.enable_grad():
+        model.train_representation(train_flat)
+    trained = time.perf_counter() - start
+    if top_factor is not None:
+        model.model.representation.weight.data = scaled_top_directions(directions, top_factor)
+    with torch.no_grad():
+        embedded = model.model.embed(train_flat)
+        model.model.memory_bank = select_bank(embedded, train_flat, args.coreset_ratio, coreset_space)
+    scores, maps = score(model, test["features"], size)
+    metrics = evaluate(scores, maps, test)
+    weight = model.model.representation.weight.detach()
+    singular = torch.linalg.svdvals(weight)
+    top, bottom = principal_gains(weight, directions)
+    print(
+        f"{text or 'defaults':60s} image_AUROC {metrics['image_AUROC']:.4f} "
+        f"pixel_AUROC {metrics['pixel_AUROC']:.4f} PRO {metrics['PRO']:.4f} train {trained:.0f}s "
+        f"f singular values {singular.min():.2f}-{singular.max():.2f}, "
+        f"gain on top/bottom 10 principal directions {top:.2f}/{bottom:.2f}",
+        flush=True,
+    )
+    if groups:
+        pro = {
+            name: evaluate(scores[rows], maps[rows], {"labels": test["labels"][rows], "masks": test["masks"][rows]})
+            for name, rows in groups.items()
+        }
+        print("    PRO by defect folder: " + ", ".join(f"{k} {v['PRO']:.4f}" for k, v in pro.items()), flush=True)
+    return {**metrics, "train_s": trained}
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ def demo_images(root: Path, split: str = "train/good", count: int = 4) -> torch.
         ("momentum", -0.1),
         ("coreset_sampling_ratio", 0.0),
         ("coreset_sampling_ratio", 1.5),
+        ("sigma_unit", "pixels"),
+        ("batch_sampling", "random"),
     ],
 )
 def test_out_of_range_hyperparameters_rejected_at_construction(name: str, value: float) -> None:
@@ -227,3 +229,23 @@ def test_the_step_hook_sees_every_step_and_leaves_the_training_unchanged() -> No
     assert all(math.isfinite(state.loss) for state in seen)
     assert torch.equal(hooked, trained(None))
     assert not torch.equal(hooked, torch.eye(152))
+
+
+def test_neighbour_batches_with_normalized_sigma_train_f_on_distinct_rows() -> None:
+    features = torch.randn(600, 152, generator=torch.Generator().manual_seed(0))
+    model = ReConPatch(
+        backbone=BACKBONE,
+        layers=LAYERS,
+        pre_trained=False,
+        num_steps=6,
+        patches_per_step=48,
+        batch_sampling="neighbors",
+        sigma_unit="normalized",
+    )
+    seen = []
+    with torch.enable_grad():
+        model.train_representation(features, on_step=seen.append)
+    assert len(seen) == 6
+    assert all(len(torch.unique(state.batch, dim=0)) == 48 for state in seen)
+    assert all(math.isfinite(state.loss) for state in seen)
+    assert not torch.equal(model.model.representation.weight, torch.eye(152))

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from anomalib_reconpatch.reconpatch.loss import relaxed_contrastive_loss
-from anomalib_reconpatch.reconpatch.similarity import pseudo_labels
+from anomalib_reconpatch.reconpatch.similarity import SIGMA_UNITS, pseudo_labels
 
 finite = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, allow_infinity=False, width=32)
 
@@ -24,11 +24,17 @@ def batches(draw: st.DrawFn) -> torch.Tensor:
 
 
 @settings(max_examples=150, deadline=None)
-@given(z=batches(), k=st.integers(1, 8), alpha=st.floats(0, 1), sigma=st.floats(0.01, 10))
+@given(
+    z=batches(),
+    k=st.integers(1, 8),
+    alpha=st.floats(0, 1),
+    sigma=st.floats(0.01, 10),
+    unit=st.sampled_from(SIGMA_UNITS),
+)
 def test_pseudo_labels_are_symmetric_weights_in_unit_interval(
-    z: torch.Tensor, k: int, alpha: float, sigma: float
+    z: torch.Tensor, k: int, alpha: float, sigma: float, unit: str
 ) -> None:
-    w = pseudo_labels(z, k=k, alpha=alpha, sigma=sigma)
+    w = pseudo_labels(z, k=k, alpha=alpha, sigma=sigma, sigma_unit=unit)
     assert torch.isfinite(w).all()
     assert (w >= 0).all()
     assert (w <= 1 + 1e-6).all()

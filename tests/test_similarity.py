@@ -106,3 +106,17 @@ def test_pseudo_labels_mix_and_carry_no_gradient() -> None:
     assert torch.allclose(
         mixed, 0.25 * pairwise_similarity(sq, knn_bandwidth(sq, 3)) + 0.75 * contextual_similarity(sq, 3)
     )
+
+
+def test_normalized_sigma_is_absolute_on_unit_length_projections() -> None:
+    z = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    w = pseudo_labels(z, k=3, alpha=1.0, sigma=0.5, sigma_unit="normalized")
+    unit = z / z.norm(dim=1, keepdim=True)
+    assert torch.allclose(w, torch.exp(-torch.cdist(unit, unit).pow(2) / 0.5), atol=1e-5)
+    assert torch.allclose(
+        pseudo_labels(7.0 * z, k=3, alpha=0.5, sigma=0.5, sigma_unit="normalized"),
+        pseudo_labels(z, k=3, alpha=0.5, sigma=0.5, sigma_unit="normalized"),
+        atol=1e-6,
+    )
+    with pytest.raises(ValueError, match="sigma_unit"):
+        pseudo_labels(z, k=3, alpha=0.5, sigma=0.5, sigma_unit="pixels")

@@ -62,6 +62,7 @@ from ..components.progress import fit_progress
 from ..components.spill import FeatureSpill, SpilledFeatures
 from .loss import RelaxedContrastiveLoss
 from .quantize import quantize_on_training_images
+from .sampling import NEIGHBOR_POOL, neighbor_groups
 from .similarity import pseudo_labels
 from .torch_model import ReConPatchModel, ema_update
 from .validation import (
@@ -135,6 +136,12 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         sigma (float): Gaussian kernel width of the pairwise similarity, in units of the batch's mean
             squared distance to the k-th neighbour (see ``docs/design/sigma-units.md``). Defaults to ``1.0``.
         momentum (float): EMA momentum ``gamma`` of the target networks. Defaults to ``0.999``.
+        sigma_unit (str): Unit of ``sigma``: ``knn`` (the batch's k-th-neighbour distance) or
+            ``normalized`` (absolute, on unit-length target projections, as STML's code does).
+            Defaults to ``"knn"``.
+        batch_sampling (str): How training batches are drawn: ``uniform`` (independent patches) or
+            ``neighbors`` (groups of ``k`` nearest patches, as STML's code does; see
+            :mod:`~anomalib_reconpatch.reconpatch.sampling`). Defaults to ``"uniform"``.
         coreset_sampling_ratio (float): Fraction of training patches kept in the memory bank.
             Defaults to ``0.1``.
         num_neighbors (int): Support size of PatchCore's image-score re-weighting. Defaults to ``9``.
@@ -194,6 +201,8 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         margin: float = 1.0,
         sigma: float = 1.0,
         momentum: float = 0.999,
+        sigma_unit: str = "knn",
+        batch_sampling: str = "uniform",
         coreset_sampling_ratio: float = 0.1,
         num_neighbors: int = 9,
         search: str = "exact",
@@ -228,6 +237,8 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         self.alpha = alpha
         self.sigma = sigma
         self.momentum = momentum
+        self.sigma_unit = sigma_unit
+        self.batch_sampling = batch_sampling
         self.coreset_sampling_ratio = coreset_sampling_ratio
         self.loss = RelaxedContrastiveLoss(margin)
         self.feature_store: list[torch.Tensor] = []
@@ -305,7 +316,19 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
             FloatingPointError: If spilled features hold NaN or inf (in-memory ones are checked in ``fit``).
         """
         del args, kwargs
-        rows = self.model(batch.image).detach().cpu()
+        self.store_features(self.model(batch.image))
+        return torch.tensor(0.0, requires_grad=True, device=self.device)
+
+    def store_features(self, rows: torch.Tensor) -> None:
+        """Keep a batch's flat patch features for ``fit``: in memory, or in the spill file past ``feature_memory_mb``.
+
+        Args:
+            rows (torch.Tensor): ``R x D`` patch features of one training batch.
+
+        Raises:
+            FloatingPointError: If spilled features hold NaN or inf (in-memory ones are checked in ``fit``).
+        """
+        rows = rows.detach().cpu()
         budget = self.feature_memory_mb
         if self.feature_spill is None and budget is not None:
             held = sum(stored.nbytes for stored in self.feature_store) + rows.nbytes
@@ -321,7 +344,6 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
             if not torch.isfinite(rows).all():
                 raise FloatingPointError(NON_FINITE)
             self.feature_spill.append(rows)
-        return torch.tensor(0.0, requires_grad=True, device=self.device)
 
     def fit(self) -> None:
         """Train the representation on the stored patch features, then build the coreset memory bank.
@@ -364,6 +386,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         sampler = FastKCenterGreedy(embedded, self.coreset_sampling_ratio)
         with fit_progress(self._trainer, "ReConPatch coreset", sampler.coreset_size) as update:
             self.model.memory_bank = sampler.sample_coreset(progress=update)
+        self.on_memory_bank(embedded)
         self.model.fold_bank_frame()
         self.fit_timings = {
             "features_s": features_s,
@@ -372,6 +395,16 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         }
         logger.info("ReConPatch fit: %s, memory bank %s", self.fit_timings, tuple(self.model.memory_bank.shape))
 
+    def on_memory_bank(self, embedded: torch.Tensor) -> None:
+        """Called by ``fit`` once the memory bank is chosen, before its fold, with every embedded training patch.
+
+        Does nothing here; the members of :class:`~anomalib_reconpatch.reconpatch.ensemble.ReConPatchEnsemble`
+        score their training images with it.
+
+        Args:
+            embedded (torch.Tensor): ``N x D`` training patches ``f(x)``, in the bank's frame, image by image.
+        """
+
     def train_representation(
         self,
         features: torch.Tensor | SpilledFeatures,
@@ -379,9 +412,10 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
     ) -> None:
         """Train ``f`` (kept) and ``g`` (discarded) with the relaxed contrastive loss on random patch mini-batches.
 
-        Each step draws ``patches_per_step`` patches with replacement, computes their pseudo-labels on
-        the EMA target networks, takes one optimizer step on the online networks and updates the
-        targets with ``momentum``. ``f`` is frozen at the end.
+        Each step draws ``patches_per_step`` patches (``batch_sampling``: independently, with
+        replacement, or in nearest-neighbour groups), computes their pseudo-labels on the EMA target
+        networks, takes one optimizer step on the online networks and updates the targets with
+        ``momentum``. ``f`` is frozen at the end.
 
         Args:
             features (torch.Tensor | SpilledFeatures): ``N x D`` training patch features, in memory or
@@ -409,9 +443,9 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         tick = time.perf_counter()
         with fit_progress(self._trainer, "ReConPatch representation", self.num_steps) as update:
             for step in range(self.num_steps):
-                x = features[torch.randint(n, (batch_size,))].to(self.device)
+                x = self.draw_batch(features, batch_size, target_f)
                 with torch.no_grad():
-                    weights = pseudo_labels(target_g(target_f(x)), self.k, self.alpha, self.sigma)
+                    weights = pseudo_labels(target_g(target_f(x)), self.k, self.alpha, self.sigma, self.sigma_unit)
                 loss = self.loss(online_g(online_f(x)), weights)
                 value = loss.item()
                 if not math.isfinite(value):
@@ -433,6 +467,26 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
                     logger.info("ReConPatch representation step %d/%d, loss %.4f", step + 1, self.num_steps, value)
                     tick = time.perf_counter()
         online_f.requires_grad_(False)
+
+    def draw_batch(
+        self, features: torch.Tensor | SpilledFeatures, batch_size: int, target_f: nn.Module
+    ) -> torch.Tensor:
+        """Draw one training batch of patch features, as ``batch_sampling`` says.
+
+        Args:
+            features (torch.Tensor | SpilledFeatures): ``N x D`` training patch features.
+            batch_size (int): Patches in the batch.
+            target_f (nn.Module): The EMA representation, in whose space ``neighbors`` groups patches.
+
+        Returns:
+            torch.Tensor: ``batch_size x D`` features on the model's device.
+        """
+        n = features.shape[0]
+        if self.batch_sampling == "uniform":
+            return features[torch.randint(n, (batch_size,))].to(self.device)
+        pool = features[torch.randperm(n)[:NEIGHBOR_POOL]].to(self.device)
+        with torch.no_grad():
+            return pool[neighbor_groups(target_f(pool), batch_size, self.k)]
 
     def setup(self, stage: str) -> None:
         """Decode every image (and mask) of the stage's splits and check the data size, before any dataloader.

@@ -139,19 +139,25 @@ def contextual_similarity(sq_dist: torch.Tensor, k: int) -> torch.Tensor:
     return 0.5 * (w_hat + w_hat.T)
 
 
+SIGMA_UNITS = ("knn", "normalized")
+
+
 @torch.no_grad()
-def pseudo_labels(z_target: torch.Tensor, k: int, alpha: float, sigma: float) -> torch.Tensor:
+def pseudo_labels(z_target: torch.Tensor, k: int, alpha: float, sigma: float, sigma_unit: str = "knn") -> torch.Tensor:
     """Pseudo-labels of a batch: the mixed similarity ``w = alpha * w^P + (1 - alpha) * w^C``.
 
-    Computed on the EMA target projections, in float32 and without gradient. The pairwise kernel's
-    width is ``sigma`` times :func:`knn_bandwidth`, so the weights do not depend on the features' scale
-    (see ``docs/design/sigma-units.md``).
+    Computed on the EMA target projections, in float32 and without gradient. With ``sigma_unit``
+    ``knn`` the pairwise kernel's width is ``sigma`` times :func:`knn_bandwidth`, so the weights do not
+    depend on the features' scale (see ``docs/design/sigma-units.md``); with ``normalized`` the
+    projections are scaled to unit length first and ``sigma`` is absolute, as in STML's reference code
+    (squared distances then lie in ``[0, 4]``).
 
     Args:
         z_target (torch.Tensor): ``N x E`` target projections ``g'(f'(x))``.
         k (int): Neighbourhood size of the contextual similarity and of the bandwidth.
         alpha (float): Weight of the pairwise similarity; ``1 - alpha`` goes to the contextual one.
-        sigma (float): Pairwise kernel width in units of :func:`knn_bandwidth`.
+        sigma (float): Pairwise kernel width, in units of :func:`knn_bandwidth` or absolute.
+        sigma_unit (str): ``knn`` or ``normalized``, as above. Defaults to ``"knn"``.
 
     Returns:
         torch.Tensor: ``N x N`` symmetric pseudo-labels in ``[0, 1]``.
@@ -171,7 +177,21 @@ def pseudo_labels(z_target: torch.Tensor, k: int, alpha: float, sigma: float) ->
                 [0.1839, 0.1839, 1.0000]])
         >>> torch.allclose(pseudo_labels(10 * z, k=1, alpha=0.5, sigma=1.0), w)
         True
+
+        On unit-length projections a fixed ``sigma`` gives the same pairs ``exp(-2/sigma)``:
+
+        >>> pseudo_labels(10 * z, k=1, alpha=1.0, sigma=2.0, sigma_unit="normalized")[0]
+        tensor([1.0000, 0.3679, 0.3679])
     """
-    sq_dist = squared_distances(z_target.float())
-    pairwise = pairwise_similarity(sq_dist, sigma * knn_bandwidth(sq_dist, k))
+    if sigma_unit not in SIGMA_UNITS:
+        msg = f"sigma_unit must be one of {SIGMA_UNITS}, got {sigma_unit!r}"
+        raise ValueError(msg)
+    z = z_target.float()
+    if sigma_unit == "normalized":
+        sq_dist = squared_distances(torch.nn.functional.normalize(z, dim=1))
+        width = torch.tensor(sigma)
+    else:
+        sq_dist = squared_distances(z)
+        width = sigma * knn_bandwidth(sq_dist, k)
+    pairwise = pairwise_similarity(sq_dist, width)
     return alpha * pairwise + (1.0 - alpha) * contextual_similarity(sq_dist, k)

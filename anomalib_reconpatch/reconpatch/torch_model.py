@@ -381,7 +381,18 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         Returns:
             InferenceBatch: ``pred_score`` (``B``) and ``anomaly_map`` (``B x H x W``).
         """
-        embedding = self.embed(features.permute(0, 2, 3, 1))
+        return self.score_embedding(self.embed(features.permute(0, 2, 3, 1)), image_size)
+
+    def score_embedding(self, embedding: torch.Tensor, image_size: tuple[int, int] | torch.Size) -> InferenceBatch:
+        """Score embedded patches against the memory bank: image scores and anomaly maps.
+
+        Args:
+            embedding (torch.Tensor): ``B x h x w x D`` patches ``f(x)``, in the bank's frame.
+            image_size (tuple[int, int] | torch.Size): ``(H, W)`` of the anomaly maps.
+
+        Returns:
+            InferenceBatch: ``pred_score`` (``B``) and ``anomaly_map`` (``B x H x W``).
+        """
         batch, height, width, dim = embedding.shape
         queries = embedding.reshape(-1, dim)
         patch_scores = self.search_bank(queries, batch).reshape(batch, -1)

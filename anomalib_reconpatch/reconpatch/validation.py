@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 from ..components.preflight import ImageScan
+from .sampling import BATCH_SAMPLINGS
 from .search import SEARCH_OPTIONS
+from .similarity import SIGMA_UNITS
 
 
 def _check_range(name: str, value: float, ok: bool, expected: str) -> None:
@@ -46,6 +48,9 @@ def validate_hyperparameters(params: dict[str, Any]) -> None:
     _check_range("projection_dim", params["projection_dim"], params["projection_dim"] >= 1, "an integer >= 1")
     _check_range("num_neighbors", params["num_neighbors"], params["num_neighbors"] >= 1, "an integer >= 1")
     _check_range("search", params["search"], params["search"] in SEARCH_OPTIONS, "one of " + ", ".join(SEARCH_OPTIONS))
+    unit, sampling = params["sigma_unit"], params["batch_sampling"]
+    _check_range("sigma_unit", unit, unit in SIGMA_UNITS, "one of " + ", ".join(SIGMA_UNITS))
+    _check_range("batch_sampling", sampling, sampling in BATCH_SAMPLINGS, "one of " + ", ".join(BATCH_SAMPLINGS))
     budget = params["feature_memory_mb"]
     _check_range("feature_memory_mb", budget, budget is None or budget >= 0, "null (no limit) or megabytes >= 0")
 

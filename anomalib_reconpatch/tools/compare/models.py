@@ -29,13 +29,14 @@ def make_evaluator() -> Any:
 
 
 def build_model(name: str, settings: CompareSettings) -> Any:
-    """Build ReConPatch or any anomalib memory-bank model by class name, on the shared settings.
+    """Build ReConPatch, its ensemble or any anomalib memory-bank model by class name, on the shared settings.
 
-    Every model gets the same backbone, layers, coreset ratio, image size and evaluator, and no
-    visualizer; ReConPatch also gets ``settings.reconpatch_args``.
+    Every model gets the same layers, coreset ratio, image size and evaluator, and no visualizer;
+    single-backbone models get ``settings.backbone``, while ``ReConPatchEnsemble`` keeps its own backbones;
+    both ReConPatch models also get ``settings.reconpatch_args``.
 
     Args:
-        name (str): An ``anomalib.models`` class name, such as ``ReConPatch`` or ``Patchcore``.
+        name (str): An ``anomalib.models`` class name, such as ``ReConPatch``, ``ReConPatchEnsemble`` or ``Patchcore``.
         settings (CompareSettings): The shared settings.
 
     Returns:
@@ -46,20 +47,21 @@ def build_model(name: str, settings: CompareSettings) -> Any:
     """
     import anomalib.models
 
-    from ...reconpatch import lightning_model  # noqa: F401 - importing it registers anomalib.models.ReConPatch
+    from ... import reconpatch
 
     model_class = getattr(anomalib.models, name, None)
     if not isinstance(model_class, type):
         msg = f"Unknown model '{name}': use an anomalib model class name such as ReConPatch or Patchcore."
         raise ValueError(msg)
     kwargs: dict[str, Any] = {
-        "backbone": settings.backbone,
         "layers": settings.layers,
         "coreset_sampling_ratio": settings.coreset_ratio,
         "pre_processor": model_class.configure_pre_processor(image_size=image_shape(settings.image_size)),
         "evaluator": make_evaluator(),
         "visualizer": False,
     }
-    if model_class.__name__ == "ReConPatch":
+    if not issubclass(model_class, reconpatch.ReConPatchEnsemble):
+        kwargs["backbone"] = settings.backbone
+    if issubclass(model_class, reconpatch.ReConPatch):
         kwargs.update(settings.reconpatch_args)
     return model_class(**kwargs)

@@ -1,0 +1,110 @@
+"""The ensemble against each of its backbones alone, trained and untrained, on cached features.
+
+Each backbone runs once over the training and test images. For every seed and every
+``--num-steps`` value, each backbone's member trains ``f``, builds its coreset bank, records its
+training images' score statistics (as ``ReConPatchEnsemble.fit`` does) and scores the test images;
+the ensemble is the mean of the standardised members, exactly as ``ReConPatchEnsembleModel``
+combines them. ``num_steps=0`` is the untrained ensemble, which tells the ensemble's gain from the
+training's. Ends with a mean ± sd table over the seeds; ``--out`` writes it as Markdown.
+
+    python benchmarks/ensemble.py --data configs/data/kolektorsdd.yaml --seeds 0 1 2 \
+        --num-steps 1000 0 --out docs/results/ensemble/kolektorsdd.md
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import cache, data_parser, evaluate, flat_patches, load_data, score
+
+from anomalib_reconpatch.components.coreset import FastKCenterGreedy
+from anomalib_reconpatch.reconpatch.ensemble import DEFAULT_BACKBONES, EnsembleMember, standardise
+
+
+def fitted_member(backbone: str, args: object, steps: int, cached: dict, size: tuple[int, int]) -> EnsembleMember:
+    """A member on ``backbone`` trained and banked on its cached training features, with its training statistics."""
+    member = EnsembleMember(
+        backbone=backbone, layers=args.layers, num_steps=steps, coreset_sampling_ratio=args.coreset_ratio
+    )
+    train = cached["train"]
+    with torch.enable_grad():
+        member.train_representation(flat_patches(train))
+    with torch.no_grad():
+        embedded = member.model.embed(flat_patches(train))
+        member.model.memory_bank = FastKCenterGreedy(embedded, args.coreset_ratio).sample_coreset()
+        member.grid = tuple(train.shape[-2:])
+        member.image_size = size
+        member.on_memory_bank(embedded)
+    return member
+
+
+def summary(rows: dict[str, list[dict[str, float]]]) -> str:
+    """Markdown table of mean ± sd over the seeds for each model."""
+    lines = ["| model | runs | image AUROC | pixel AUROC | PRO |", "|---|---|---|---|---|"]
+    for name, runs in rows.items():
+        cells = []
+        for key in ("image_AUROC", "pixel_AUROC", "PRO"):
+            values = torch.tensor([run[key] for run in runs], dtype=torch.float64)
+            spread = f" ± {values.std():.4f}" if len(values) > 1 else ""
+            cells.append(f"{values.mean():.4f}{spread}")
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """Score every backbone alone and the ensemble, for each seed and training length."""
+    parser = data_parser(__doc__)
+    parser.add_argument("--backbones", nargs="+", default=list(DEFAULT_BACKBONES))
+    parser.add_argument("--coreset-ratio", type=float, default=0.01)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--num-steps", type=int, nargs="+", default=[1000, 0])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    datamodule, base = load_data(args, coreset_sampling_ratio=args.coreset_ratio)
+    features, test = {}, None
+    for backbone in args.backbones:
+        extractor = EnsembleMember(backbone=backbone, layers=args.layers)
+        extractor.pre_processor = base.pre_processor
+        features[backbone] = {"train": cache(extractor, datamodule.train_dataloader(), test=False)["features"]}
+        test_split = cache(extractor, datamodule.test_dataloader(), test=True)
+        features[backbone]["test"] = test_split.pop("features")
+        test = test_split
+        print(f"{backbone}: train features {tuple(features[backbone]['train'].shape)}", flush=True)
+    size = tuple(test["masks"].shape[-2:])
+    rows: dict[str, list[dict[str, float]]] = {}
+    for steps in args.num_steps:
+        for seed in args.seeds:
+            standardised_scores, standardised_maps = [], []
+            for backbone in args.backbones:
+                torch.manual_seed(seed)
+                start = time.perf_counter()
+                member = fitted_member(backbone, args, steps, features[backbone], size)
+                scores, maps = score(member, features[backbone]["test"], size)
+                metrics = evaluate(scores, maps, test)
+                rows.setdefault(f"{backbone}, num_steps={steps}", []).append(metrics)
+                print(f"seed {seed} num_steps {steps} {backbone:24s} {fmt(metrics)} {time.perf_counter() - start:.0f}s")
+                standardised_scores.append(standardise(scores, *map(torch.tensor, member.score_statistics)))
+                standardised_maps.append(standardise(maps, *map(torch.tensor, member.map_statistics)))
+            metrics = evaluate(torch.stack(standardised_scores).mean(0), torch.stack(standardised_maps).mean(0), test)
+            rows.setdefault(f"ensemble of {len(args.backbones)}, num_steps={steps}", []).append(metrics)
+            print(f"seed {seed} num_steps {steps} {'ensemble':24s} {fmt(metrics)}", flush=True)
+    table = summary(rows)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        command = f"`python {' '.join(sys.argv)}`"
+        args.out.write_text(
+            f"{command}\n\n{args.data.stem}, coreset ratio {args.coreset_ratio}, seeds {args.seeds}\n\n{table}"
+        )
+
+
+def fmt(metrics: dict[str, float]) -> str:
+    """One line of the three metrics."""
+    return " ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+
+
+if __name__ == "__main__":
+    main()
