@@ -12,7 +12,7 @@ for data in "${@:-bottle kolektorsdd mpdd_metal_plate}"; do
       --out "docs/results/candidates/$name.md" \
       --setting num_steps=0,coreset=projected \
       --setting num_steps=0 \
-      --setting "" \
+      --setting defaults \
       --setting batch_sampling=neighbors \
       --setting sigma_unit=normalized \
       --setting sigma_unit=normalized,sigma=0.5 \

@@ -13,6 +13,7 @@ training's. Ends with a mean ± sd table over the seeds; ``--out`` writes it as 
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -95,7 +96,7 @@ def main() -> None:
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        command = f"`python {' '.join(sys.argv)}`"
+        command = f"`python {shlex.join(sys.argv)}`"
         args.out.write_text(
             f"{command}\n\n{args.data.stem}, coreset ratio {args.coreset_ratio}, seeds {args.seeds}\n\n{table}"
         )

@@ -20,6 +20,7 @@ gain along the training features' strongest and weakest principal directions.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -34,8 +35,9 @@ from anomalib_reconpatch.components.coreset import FastKCenterGreedy, greedy_k_c
 
 
 def parse_setting(text: str) -> dict:
-    """``a=1,b=2`` -> ``{"a": 1, "b": 2}`` (YAML values)."""
-    return {k: number(yaml.safe_load(v)) for k, v in (item.split("=", 1) for item in text.split(",") if item)}
+    """``a=1,b=2`` -> ``{"a": 1, "b": 2}`` (YAML values); ``defaults`` (or nothing) -> ``{}``."""
+    items = [item for item in text.split(",") if item and item != "defaults"]
+    return {k: number(yaml.safe_load(v)) for k, v in (item.split("=", 1) for item in items)}
 
 
 def number(value: object) -> object:
@@ -146,7 +148,7 @@ def main() -> None:
         print(table, flush=True)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            command = "python " + " ".join(sys.argv)
+            command = "python " + shlex.join(sys.argv)
             args.out.write_text(
                 f"`{command}`\n\n{args.data.stem}, {args.backbone}, coreset ratio {args.coreset_ratio}\n\n{table}"
             )

@@ -188,3 +188,16 @@ def test_stock_cli_reads_the_shipped_ensemble_config(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "class_path: anomalib_reconpatch.ReConPatchEnsemble" in result.stdout
     assert "- tf_efficientnet_lite2" in result.stdout
+
+
+def test_compare_reports_the_ensembles_banks_and_times_every_members_phases(ensemble: tuple, demo_root: Path) -> None:
+    from anomalib_reconpatch.tools.compare.runner import bank_shape
+    from anomalib_reconpatch.tools.latency import split_latency_ms
+
+    model = ensemble[0]
+    rows = [int(member.memory_bank.shape[0]) for member in model.model.members]
+    assert bank_shape(model.model) == [f"{rows[0]} x 152 + {rows[1]} x 152"]
+    images = list(raw_images(demo_root, "test/good", 4))
+    phases = split_latency_ms(model, model.model, images, warmup=1)
+    assert 0 < phases["backbone_ms"] < phases["latency_ms"]
+    assert 0 < phases["search_ms"] < phases["latency_ms"]

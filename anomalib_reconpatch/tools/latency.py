@@ -29,7 +29,8 @@ def phase_clock(torch_model: nn.Module) -> Iterator[dict[str, float]]:
     these objects only, and restored on exit.
 
     Args:
-        torch_model (nn.Module): ReConPatch's or PatchCore's torch model.
+        torch_model (nn.Module): ReConPatch's or PatchCore's torch model, or an ensemble's, whose
+            ``members`` are timed together.
 
     Yields:
         dict[str, float]: ``{"backbone": s, "search": s}``, to which every call adds its wall seconds;
@@ -39,11 +40,13 @@ def phase_clock(torch_model: nn.Module) -> Iterator[dict[str, float]]:
         TypeError: If the model has none of ``SEARCH_METHODS``.
     """
     totals = {"backbone": 0.0, "search": 0.0}
-    search = next((name for name in SEARCH_METHODS if hasattr(torch_model, name)), None)
-    if search is None:
-        msg = f"{type(torch_model).__name__} has none of {SEARCH_METHODS}: cannot time its search."
-        raise TypeError(msg)
-    targets = [("backbone", torch_model.feature_extractor, "forward"), ("search", torch_model, search)]
+    targets = []
+    for part in getattr(torch_model, "members", [torch_model]):  # an ensemble's members, each timed
+        search = next((name for name in SEARCH_METHODS if hasattr(part, name)), None)
+        if search is None:
+            msg = f"{type(part).__name__} has none of {SEARCH_METHODS}: cannot time its search."
+            raise TypeError(msg)
+        targets += [("backbone", part.feature_extractor, "forward"), ("search", part, search)]
     saved = []
     for phase, owner, name in targets:
         saved.append((owner, name, vars(owner).get(name)))

@@ -59,7 +59,7 @@ def run_one(
         enable_progress_bar=False,
     )
     with peak_rss() as memory:
-        training = "representation training and " if name == "ReConPatch" else ""
+        training = "representation training and " if name.startswith("ReConPatch") else ""
         log(f"[{name}, seed {seed}] fit: features, then {training}coreset")
         engine.fit(model=model, datamodule=datamodule)
         log(f"[{name}, seed {seed}] test")
@@ -76,7 +76,7 @@ def run_one(
         coreset_s=timings.get("coreset_s", timer.fit_s),
         test_s=test_s,
         peak_rss_mb=memory["peak_rss_mb"],
-        memory_bank=list(model.model.memory_bank.shape),
+        memory_bank=bank_shape(model.model),
         test_images=len(recorder.scores),
     )
     log(f"[{name}, seed {seed}] " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float)))
@@ -190,3 +190,18 @@ def run_child(job: Path, result: Path) -> None:
     except URLError as error:
         run = {"error": "FileNotFoundError", "message": download_failure(error, spec["data_config"], settings.data)}
     torch.save(run, result)
+
+
+def bank_shape(torch_model: Any) -> list:
+    """The memory bank's shape as ``[rows, dim]``; for an ensemble, one entry naming every member's bank.
+
+    Args:
+        torch_model (Any): A memory-bank model's torch model, or an ensemble's with ``members``.
+
+    Returns:
+        list: ``[rows, dim]``, or ``["rows x dim + rows x dim + ..."]`` for an ensemble.
+    """
+    members = getattr(torch_model, "members", None)
+    if members is None:
+        return list(torch_model.memory_bank.shape)
+    return [" + ".join(" x ".join(map(str, member.memory_bank.shape)) for member in members)]
