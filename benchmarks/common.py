@@ -107,3 +107,25 @@ def evaluate(scores: torch.Tensor, maps: torch.Tensor, test: dict, pixel: bool =
     for metric in metrics.values():
         metric.update(outputs)
     return {name: float(metric.compute()) for name, metric in metrics.items()}
+
+
+METRIC_COLUMNS = (("image AUROC", "image_AUROC", 4), ("pixel AUROC", "pixel_AUROC", 4), ("PRO", "PRO", 4))
+
+
+def mean_sd_table(first: str, rows: dict[str, list[dict[str, float]]], columns: tuple = METRIC_COLUMNS) -> str:
+    """Markdown table of each row's mean ± sd over its runs (sd with ``n - 1``; no sd for one run).
+
+    ``columns`` holds ``(heading, key, digits)``; ``first`` heads the column of row names.
+    """
+    lines = [
+        f"| {first} | runs | " + " | ".join(heading for heading, _, _ in columns) + " |",
+        "|---" * (len(columns) + 2) + "|",
+    ]
+    for name, runs in rows.items():
+        cells = []
+        for _, key, digits in columns:
+            values = torch.tensor([run[key] for run in runs], dtype=torch.float64)
+            spread = f" ± {values.std():.{digits}f}" if len(values) > 1 else ""
+            cells.append(f"{values.mean():.{digits}f}{spread}")
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

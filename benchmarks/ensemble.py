@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import cache, data_parser, evaluate, flat_patches, load_data, score
+from common import cache, data_parser, evaluate, flat_patches, load_data, mean_sd_table, score
 
 from anomalib_reconpatch.components.coreset import FastKCenterGreedy
 from anomalib_reconpatch.reconpatch.ensemble import DEFAULT_BACKBONES, EnsembleMember, standardise
@@ -40,19 +40,6 @@ def fitted_member(backbone: str, args: object, steps: int, cached: dict, size: t
         member.image_size = size
         member.on_memory_bank(embedded)
     return member
-
-
-def summary(rows: dict[str, list[dict[str, float]]]) -> str:
-    """Markdown table of mean ± sd over the seeds for each model."""
-    lines = ["| model | runs | image AUROC | pixel AUROC | PRO |", "|---|---|---|---|---|"]
-    for name, runs in rows.items():
-        cells = []
-        for key in ("image_AUROC", "pixel_AUROC", "PRO"):
-            values = torch.tensor([run[key] for run in runs], dtype=torch.float64)
-            spread = f" ± {values.std():.4f}" if len(values) > 1 else ""
-            cells.append(f"{values.mean():.4f}{spread}")
-        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -92,7 +79,7 @@ def main() -> None:
             metrics = evaluate(torch.stack(standardised_scores).mean(0), torch.stack(standardised_maps).mean(0), test)
             rows.setdefault(f"ensemble of {len(args.backbones)}, num_steps={steps}", []).append(metrics)
             print(f"seed {seed} num_steps {steps} {'ensemble':24s} {fmt(metrics)}", flush=True)
-    table = summary(rows)
+    table = mean_sd_table("model", rows)
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

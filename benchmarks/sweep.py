@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 from anomalib.models.components.dimensionality_reduction import SparseRandomProjection
-from common import cache, data_parser, evaluate, flat_patches, load_data, score
+from common import METRIC_COLUMNS, cache, data_parser, evaluate, flat_patches, load_data, mean_sd_table, score
 
 from anomalib_reconpatch import ReConPatch
 from anomalib_reconpatch.components.coreset import FastKCenterGreedy, greedy_k_center
@@ -105,19 +105,9 @@ def scaled_top_directions(directions: torch.Tensor, factor: float, count: int = 
 
 
 def summary_table(rows: dict[str, list[dict[str, float]]]) -> str:
-    """Markdown table of each setting's mean ± sd over its runs (sd with ``n - 1``; blank for one run)."""
-    lines = [
-        "| setting | runs | image AUROC | pixel AUROC | PRO | training s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for text, runs in rows.items():
-        cells = []
-        for key, digits in (("image_AUROC", 4), ("pixel_AUROC", 4), ("PRO", 4), ("train_s", 0)):
-            values = torch.tensor([run[key] for run in runs], dtype=torch.float64)
-            spread = f" ± {values.std():.{digits}f}" if len(values) > 1 else ""
-            cells.append(f"{values.mean():.{digits}f}{spread}")
-        lines.append(f"| `{text or 'defaults'}` | {len(runs)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    """Markdown table of each setting's mean ± sd over its runs, with the training time."""
+    columns = (*METRIC_COLUMNS, ("training s", "train_s", 0))
+    return mean_sd_table("setting", {f"`{text or 'defaults'}`": runs for text, runs in rows.items()}, columns)
 
 
 def main() -> None:
