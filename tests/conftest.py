@@ -12,6 +12,8 @@ BOTTLE = SHARED_DATA / "mvtec_ad" / "bottle"
 KOLEKTOR = SHARED_DATA / "kolektorsdd" / "kolektor"
 BACKBONE = "tf_efficientnet_lite0"
 LAYERS = ["blocks.2", "blocks.4"]
+DEMO_SETTINGS = {"backbone": BACKBONE, "layers": LAYERS, "num_steps": 20, "coreset_sampling_ratio": 0.02}
+"""The small ReConPatch that the end-to-end tests train on the demo brick category."""
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +40,43 @@ def bottle_root() -> Path:
     if not BOTTLE.is_dir():
         pytest.skip(f"real data not found at {BOTTLE}")
     return BOTTLE.parent
+
+
+def train_demo(root: Path, results: Path, **overrides: object) -> tuple:
+    """A small ReConPatch fitted by anomalib's Engine on ``root/brick``, seeded so runs are comparable.
+
+    Returns:
+        tuple: The model, its engine and its datamodule.
+    """
+    import torch
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+
+    from anomalib_reconpatch import ReConPatch
+
+    torch.manual_seed(0)
+    datamodule = MVTecAD(root=root, category="brick", num_workers=0)
+    model = ReConPatch(**{**DEMO_SETTINGS, **overrides})
+    engine = Engine(default_root_dir=results, logger=False)
+    engine.fit(model=model, datamodule=datamodule)
+    return model, engine, datamodule
+
+
+@pytest.fixture(scope="session")
+def demo_model(lite_weights: None, demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The demo brick model, trained once per session: fitted, checkpointed and exported to OpenVINO FP32.
+
+    Training and the export take most of a minute each, so the export and bad-input tests share it.
+    """
+    root = tmp_path_factory.mktemp("demo_model")
+    model, engine, datamodule = train_demo(demo_root, root / "results")
+    engine.trainer.save_checkpoint(root / "model.ckpt")
+    xml = model.eval().to_openvino(root / "openvino")
+    return {
+        "model": model,
+        "engine": engine,
+        "datamodule": datamodule,
+        "ckpt": root / "model.ckpt",
+        "xml": xml,
+        "root": root,
+    }

@@ -20,9 +20,9 @@ from anomalib_reconpatch import ReConPatch
 from anomalib_reconpatch.components.images import UnreadableImageError, read_image
 from anomalib_reconpatch.tools.predict import predict
 
-from .conftest import BACKBONE, LAYERS
+from .conftest import BACKBONE, DEMO_SETTINGS, LAYERS, train_demo
 
-SETTINGS = {"backbone": BACKBONE, "layers": LAYERS, "num_steps": 20, "coreset_sampling_ratio": 0.02}
+SETTINGS = DEMO_SETTINGS
 
 
 class BatchCounter(Callback):
@@ -37,22 +37,13 @@ class BatchCounter(Callback):
 
 def train(root: Path, results: Path, **overrides: object) -> tuple[ReConPatch, Engine, MVTecAD]:
     """A small ReConPatch fitted by anomalib's Engine on ``root/brick``, seeded so runs are comparable."""
-    torch.manual_seed(0)
-    datamodule = MVTecAD(root=root, category="brick", num_workers=0)
-    model = ReConPatch(**{**SETTINGS, **overrides})
-    engine = Engine(default_root_dir=results, logger=False)
-    engine.fit(model=model, datamodule=datamodule)
-    return model, engine, datamodule
+    return train_demo(root, results, **overrides)
 
 
-@pytest.fixture(scope="module")
-def reference(lite_weights: None, demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+@pytest.fixture
+def reference(demo_model: dict) -> dict:
     """The demo brick model: fitted, checkpointed and exported to OpenVINO."""
-    root = tmp_path_factory.mktemp("reference")
-    model, engine, datamodule = train(demo_root, root / "results")
-    engine.trainer.save_checkpoint(root / "model.ckpt")
-    xml = model.eval().to_openvino(root / "openvino")
-    return {"model": model, "engine": engine, "datamodule": datamodule, "ckpt": root / "model.ckpt", "xml": xml}
+    return demo_model
 
 
 def brick_copy(demo_root: Path, tmp_path: Path) -> Path:
@@ -87,7 +78,7 @@ def test_unreadable_training_image_stops_fit_before_any_batch(
     with pytest.raises(UnreadableImageError) as error:
         engine.fit(model=ReConPatch(**SETTINGS), datamodule=MVTecAD(root=root, category="brick", num_workers=0))
     assert f"{bad}: {REASONS[kind]}" in str(error.value)
-    assert "Remove or replace" in str(error.value)
+    assert "Fix, replace or remove" in str(error.value)
     assert counter.batches == 0
 
 
@@ -100,6 +91,46 @@ def test_every_unreadable_file_is_listed_at_once(lite_weights: None, demo_root: 
     with pytest.raises(UnreadableImageError, match=r"^2 data") as error:
         engine.fit(model=ReConPatch(**SETTINGS), datamodule=MVTecAD(root=root, category="brick", num_workers=0))
     assert all(str(path) in str(error.value) for path in bad)
+
+
+def test_masks_that_would_give_wrong_metrics_stop_fit_before_any_batch_all_named(
+    lite_weights: None, demo_root: Path, tmp_path: Path
+) -> None:
+    root = brick_copy(demo_root, tmp_path)
+    grey, stretched = sorted((root / "brick" / "ground_truth").rglob("*.png"))[:2]
+    values = np.asarray(Image.open(grey).convert("L"))
+    Image.fromarray(np.where(values == 0, 2, values).astype(np.uint8)).save(grey)  # background 2, as re-encoded
+    mask = Image.open(stretched)
+    mask.resize((mask.width, mask.height // 2)).save(stretched)
+    before = {path: path.read_bytes() for path in (root / "brick").rglob("*") if path.is_file()}
+    counter = BatchCounter()
+    engine = Engine(default_root_dir=tmp_path / "results", logger=False, callbacks=[counter])
+    with pytest.raises(ValueError, match=r"^2 mask\(s\) would give wrong pixel metrics") as error:
+        engine.fit(model=ReConPatch(**SETTINGS), datamodule=MVTecAD(root=root, category="brick", num_workers=0))
+    message = str(error.value)
+    assert f"{grey}: " in message
+    assert "are dark grey (1 to 127, e.g. 2)" in message
+    assert "threshold it at 128" in message
+    assert f"{stretched}: it is 128x64 px but its image is 128x128" in message
+    assert counter.batches == 0
+    assert {path: path.read_bytes() for path in (root / "brick").rglob("*") if path.is_file()} == before
+
+
+def test_mask_checks_accept_binary_masks_at_any_resolution_and_a_thin_grey_seam(
+    demo_root: Path, tmp_path: Path
+) -> None:
+    from anomalib_reconpatch.components.preflight import mask_problem
+
+    original = sorted((demo_root / "brick" / "ground_truth").rglob("*.png"))[0]
+    assert mask_problem(original, (128, 128)) is None
+    mask = Image.open(original)
+    mask.resize((256, 256), Image.NEAREST).save(tmp_path / "larger.png")
+    assert mask_problem(tmp_path / "larger.png", (128, 128)) is None
+    mask.resize((300, 300), Image.BILINEAR).save(tmp_path / "smoothed.png")  # grey only along the edges
+    assert mask_problem(tmp_path / "smoothed.png", (128, 128)) is None
+    ones = (np.asarray(mask.convert("L")) > 0).astype(np.uint8)
+    Image.fromarray(ones).save(tmp_path / "zero_one.png")  # 0/1 masks are binary too
+    assert mask_problem(tmp_path / "zero_one.png", (128, 128)) is None
 
 
 @pytest.mark.parametrize(
@@ -118,7 +149,7 @@ def test_unreadable_test_image_or_mask_stops_test_naming_it(
     bad = root / "brick" / relative
     damage(bad, kind)
     engine = Engine(default_root_dir=tmp_path / "results", logger=False)
-    with pytest.raises(UnreadableImageError, match="Remove or replace") as error:
+    with pytest.raises(UnreadableImageError, match="Fix, replace or remove") as error:
         engine.test(model=reference["model"], datamodule=MVTecAD(root=root, category="brick", num_workers=0))
     assert f"{bad}: {REASONS[kind]}" in str(error.value)
 
@@ -140,7 +171,7 @@ def test_predict_skips_unreadable_images_and_lists_them(reference: dict, demo_ro
     for path in summary.skipped:
         assert rows[path[0]]["score"] == ""
         assert str(path[0]) in rows[path[0]]["error"]
-        assert "Remove or replace" in rows[path[0]]["error"]
+        assert "Fix, replace or remove" in rows[path[0]]["error"]
     scored = [float(r["score"]) for r in rows.values() if not r["error"]]
     assert len(scored) == total - 3
     assert all(math.isfinite(s) for s in scored)
@@ -165,6 +196,30 @@ def convert(path: Path, mode: str) -> None:
 MODES = ("L", "I;16", "RGBA")
 
 
+def turn_with_exif(path: Path) -> None:
+    """Store an image turned a quarter, with the EXIF tag (orientation 6) that shows it upright again."""
+    with Image.open(path) as image:
+        image.load()
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        image.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif)
+
+
+def test_an_exif_turned_image_reads_upright_where_anomalib_reads_it_as_stored(demo_root: Path, tmp_path: Path) -> None:
+    from anomalib.data.utils import read_image as anomalib_read_image
+
+    from anomalib_reconpatch.components.images import image_problem
+
+    original = demo_root / "brick" / "test" / "scratch" / "000.png"
+    path = tmp_path / "camera.png"
+    shutil.copy(original, path)
+    turn_with_exif(path)
+    assert np.array_equal(read_image(path), read_image(original))
+    assert not np.allclose(anomalib_read_image(path), read_image(original), atol=0.05)
+    assert image_problem(path).turned
+    assert not image_problem(original).turned
+
+
 def is_gray(path: Path) -> bool:
     """Demo images are gray photos stored as RGB, except the tinted stains."""
     rgb = np.asarray(Image.open(path).convert("RGB"))
@@ -187,17 +242,46 @@ def test_image_modes_read_as_the_rgb_original(demo_root: Path, tmp_path: Path, m
         assert np.allclose(anomalib_read_image(path), expected, atol=1e-6)
 
 
+def test_unreadable_reasons_say_what_is_wrong_with_the_file(
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from anomalib_reconpatch.components import images
+
+    image = tmp_path / "image.png"
+    shutil.copy(demo_root / "brick" / "test" / "good" / "000.png", image)
+    (tmp_path / "link.png").symlink_to(tmp_path / "moved.png")
+    expected = f"it links to {tmp_path / 'moved.png'}, which does not exist"
+    assert images.image_problem(tmp_path / "link.png")[0] == expected
+    (tmp_path / "empty.png").touch()
+    assert images.image_problem(tmp_path / "empty.png")[0] == "the file is empty (0 bytes)"
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Image, "open", refused)
+    problem = images.image_problem(image)[0]
+    assert problem.startswith("no permission to read the file")
+    assert "corrupt" not in problem
+
+
 def mixed_mode_copy(demo_root: Path, tmp_path: Path) -> Path:
-    """Brick with its train and test images cycled through L, I;16, RGBA and RGB (tinted stains: RGBA)."""
+    """Brick with its train and test images cycled through L, I;16, RGBA and RGB turned by an EXIF tag.
+
+    Tinted stains are RGBA instead of L or I;16.
+    """
     root = brick_copy(demo_root, tmp_path)
     images = sorted(p for p in (root / "brick").glob("t*/*/*.png"))
     for index, path in enumerate(images):
         if index % 4 < len(MODES):
             convert(path, MODES[index % 4] if is_gray(path) else "RGBA")
+        else:
+            turn_with_exif(path)
     return root
 
 
-def test_predict_on_gray_16bit_rgba_matches_rgb(reference: dict, demo_root: Path, tmp_path: Path) -> None:
+def test_predict_on_gray_16bit_rgba_and_exif_turned_matches_rgb(
+    reference: dict, demo_root: Path, tmp_path: Path
+) -> None:
     root = mixed_mode_copy(demo_root, tmp_path)
     rgb = predict(reference["xml"], demo_root / "brick" / "test", tmp_path / "rgb", log=lambda _: None)
     mixed = predict(reference["xml"], root / "brick" / "test", tmp_path / "mixed", log=lambda _: None)
@@ -209,7 +293,9 @@ def test_predict_on_gray_16bit_rgba_matches_rgb(reference: dict, demo_root: Path
 
 
 @pytest.mark.slow
-def test_training_and_testing_on_gray_16bit_rgba_match_rgb(reference: dict, demo_root: Path, tmp_path: Path) -> None:
+def test_training_and_testing_on_gray_16bit_rgba_and_exif_turned_match_rgb(
+    reference: dict, demo_root: Path, tmp_path: Path
+) -> None:
     root = mixed_mode_copy(demo_root, tmp_path)
     model, engine, datamodule = train(root, tmp_path / "results")
     # Float rounding of the 16-bit scaling (x * 257 / 65535 vs x / 255) moves f a hair ...
@@ -292,7 +378,8 @@ def test_checkpoint_from_another_architecture_is_refused(reference: dict, overri
         message
     )
     assert shown in message
-    assert "--model.backbone tf_efficientnet_lite0 --model.layers '[blocks.2, blocks.4]'" in message
+    advice = "--model.backbone tf_efficientnet_lite0 --model.layers '[blocks.2, blocks.4]' --model.embedding_dim null"
+    assert advice in message
 
 
 def test_checkpoint_without_architecture_record_is_checked_by_its_hyperparameters(reference: dict) -> None:
@@ -303,6 +390,27 @@ def test_checkpoint_without_architecture_record_is_checked_by_its_hyperparameter
     check_checkpoint_matches(ReConPatch(**SETTINGS), stored)  # the same architecture passes
     with pytest.raises(ValueError, match=r"layers, feature_dim differ"):
         check_checkpoint_matches(ReConPatch(**{**SETTINGS, "layers": ["blocks.1", "blocks.2"]}), stored)
+
+
+def test_a_stock_patchcore_checkpoint_is_refused_with_the_model_to_use(
+    lite_weights: None, demo_root: Path, tmp_path: Path
+) -> None:
+    from anomalib.models import Patchcore
+
+    torch.manual_seed(0)
+    engine = Engine(default_root_dir=tmp_path, logger=False)
+    patchcore = Patchcore(backbone=BACKBONE, layers=LAYERS, coreset_sampling_ratio=0.01)
+    engine.fit(model=patchcore, datamodule=MVTecAD(root=demo_root, category="brick", num_workers=0))
+    engine.trainer.save_checkpoint(tmp_path / "patchcore.ckpt")
+    with pytest.raises(ValueError, match="is not a ReConPatch checkpoint") as error:
+        ReConPatch.load_from_checkpoint(tmp_path / "patchcore.ckpt", **SETTINGS)
+    assert "what Patchcore saves: load it with --model Patchcore" in str(error.value)
+    with pytest.raises(ValueError, match="is not a ReConPatch checkpoint"):  # through the stock Engine too
+        Engine(default_root_dir=tmp_path, logger=False).test(
+            model=ReConPatch(**SETTINGS),
+            datamodule=MVTecAD(root=demo_root, category="brick", num_workers=0),
+            ckpt_path=tmp_path / "patchcore.ckpt",
+        )
 
 
 def test_engine_refuses_checkpoint_of_other_layers(reference: dict, tmp_path: Path) -> None:

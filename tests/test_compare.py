@@ -208,8 +208,25 @@ def test_compare_rejects_a_bad_reconpatch_setting_before_any_fit(
     data.write_text("class_path: anomalib.data.MVTecAD\ninit_args: {root: nowhere, category: grass}\n")
     code = main(["compare", "--data", str(data), "--reconpatch", "k=0", "--out", str(tmp_path / "out")])
     assert code == 2
-    assert "ReConPatch: k=0 is out of range" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "ReConPatch: k=0 is out of range; expected an integer >= 1 (set --reconpatch k=...)." in error
+    assert "--model." not in error  # compare has no --model flags
+    code = main(["compare", "--data", str(data), "--reconpatch", "sigmaa=2", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "ReConPatch has no setting sigmaa: check the names given to --reconpatch" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_refuses_an_output_folder_inside_the_data_folder(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = tmp_path / "data.yaml"
+    data.write_text(f"class_path: anomalib.data.MVTecAD\ninit_args: {{root: {demo_root}, category: grass}}\n")
+    before = sorted(demo_root.rglob("*"))
+    code = main(["compare", "--data", str(data), "--out", str(demo_root / "grass" / "results")])
+    assert code == 2
+    assert f"Output folder {demo_root / 'grass' / 'results'} is inside the input folder" in capsys.readouterr().err
+    assert sorted(demo_root.rglob("*")) == before
 
 
 def test_a_runs_bad_input_error_reaches_the_user_from_its_process(

@@ -53,3 +53,17 @@ def test_drop_in_interface_and_errors() -> None:
     assert len({tuple(row.tolist()) for row in coreset}) == 100
     with pytest.raises(ValueError, match="selects no point"):
         FastKCenterGreedy(features, sampling_ratio=0.0001)
+
+
+def test_a_ratio_that_keeps_every_row_returns_them_without_a_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    from anomalib_reconpatch.components import coreset
+
+    def no_selection(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a full coreset must not run the greedy selection")
+
+    monkeypatch.setattr(coreset, "greedy_k_center", no_selection)
+    features = clustered_points(400, 8, seed=2).float()
+    reported = []
+    bank = FastKCenterGreedy(features, sampling_ratio=1.0).sample_coreset(progress=reported.append)
+    assert torch.equal(bank, features)
+    assert reported == [400]

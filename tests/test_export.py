@@ -8,27 +8,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from anomalib.data import MVTecAD
-from anomalib.engine import Engine
 from anomalib.metrics import AUROC
 
-from anomalib_reconpatch import ReConPatch
 from anomalib_reconpatch.tools.predict import load_compiled_model
 
-from .conftest import BACKBONE, LAYERS
+from .conftest import BACKBONE
 
 
-@pytest.fixture(scope="module")
-def exported(lite_weights: None, demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    """A demo model trained by the Engine and exported to OpenVINO FP32 with ``model.to_openvino``."""
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("export")
-    datamodule = MVTecAD(root=demo_root, category="grass", num_workers=0)
-    model = ReConPatch(backbone=BACKBONE, layers=LAYERS, num_steps=30, coreset_sampling_ratio=0.05)
-    engine = Engine(default_root_dir=root, logger=False)
-    engine.fit(model=model, datamodule=datamodule)
-    engine.trainer.save_checkpoint(root / "model.ckpt")
-    return model.eval(), model.to_openvino(root / "openvino"), root
+@pytest.fixture
+def exported(demo_model: dict) -> tuple:
+    """The session's demo brick model, trained by the Engine and exported to OpenVINO FP32 with ``to_openvino``."""
+    return demo_model["model"], demo_model["xml"], demo_model["root"]
 
 
 def stock_export(ckpt: Path, export_root: Path, timeout: int, *extra: str) -> Path:
@@ -50,7 +40,7 @@ def raw_images(root: Path, split: str, count: int) -> torch.Tensor:
     """Real demo images in [0, 1], as the exported graph expects them (it pre-processes itself)."""
     from torchvision.io import read_image
 
-    files = sorted((root / "grass" / split).glob("*.png"))[:count]
+    files = sorted((root / "brick" / split).glob("*.png"))[:count]
     return torch.stack([read_image(str(f)).float() / 255 for f in files])
 
 
@@ -72,14 +62,6 @@ def test_openvino_matches_torch_at_any_batch(exported: tuple, demo_root: Path, b
     assert np.abs(amap - ref_map).max() <= 1e-2 * map_range
 
 
-def test_onnx_export_loads_in_openvino(exported: tuple) -> None:
-    model, _, root = exported
-    onnx_path = model.to_onnx(root / "onnx")
-    compiled = load_compiled_model(onnx_path)
-    out = compiled(np.zeros((1, 3, 128, 128), dtype=np.float32))
-    assert out[compiled.output("pred_score")].shape == (1,)
-
-
 def test_int8_ptq_through_the_stock_cli_calibrates_on_training_images_and_keeps_the_ranking(
     exported: tuple, demo_root: Path, tmp_path: Path
 ) -> None:
@@ -94,7 +76,7 @@ def test_int8_ptq_through_the_stock_cli_calibrates_on_training_images_and_keeps_
     model, fp32_xml, root = exported
     int8_xml = stock_export(
         root / "model.ckpt", tmp_path, 900, "--compression_type", "INT8_PTQ",
-        "--data", "anomalib.data.MVTecAD", "--data.root", str(demo_root), "--data.category", "grass",
+        "--data", "anomalib.data.MVTecAD", "--data.root", str(demo_root), "--data.category", "brick",
         "--data.num_workers", "0",
     )  # fmt: skip
     splits = {"test/good": 0, "test/patch": 1, "test/scratch": 1, "test/stain": 1}
@@ -160,7 +142,7 @@ def test_predict_writes_overlays_and_csv_and_leaves_input_alone(
     from anomalib_reconpatch.tools.cli import main
 
     _, xml, _ = exported
-    source = demo_root / "grass" / "test"
+    source = demo_root / "brick" / "test"
     before = snapshot(demo_root)
     assert main(["predict", "--model", str(xml), "--input", str(source), "--out", str(tmp_path / "pred")]) == 0
     rows = list(csv.DictReader((tmp_path / "pred" / "scores.csv").open()))
@@ -178,7 +160,7 @@ def test_predict_runs_without_torch_or_anomalib(exported: tuple, demo_root: Path
     import sys
 
     _, xml, _ = exported
-    argv = ["predict", "--model", str(xml), "--input", str(demo_root / "grass" / "test"), "--out", str(tmp_path)]
+    argv = ["predict", "--model", str(xml), "--input", str(demo_root / "brick" / "test"), "--out", str(tmp_path)]
     code = (
         "import sys; from anomalib_reconpatch.tools.cli import main; code = main(sys.argv[1:]); "
         "print(sorted(name for name in ('torch', 'anomalib', 'lightning') if name in sys.modules)); sys.exit(code)"
@@ -186,14 +168,14 @@ def test_predict_runs_without_torch_or_anomalib(exported: tuple, demo_root: Path
     result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
-    images = list(demo_root.glob("grass/test/*/*.png"))
+    images = list(demo_root.glob("brick/test/*/*.png"))
     assert len((tmp_path / "scores.csv").read_text().splitlines()) == 1 + len(images)
 
 
 def test_predict_rejects_bad_models_and_outputs(exported: tuple, demo_root: Path, tmp_path: Path) -> None:
     from anomalib_reconpatch.tools.predict import predict
 
-    image = demo_root / "grass" / "test" / "good" / "000.png"
+    image = demo_root / "brick" / "test" / "good" / "000.png"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         predict(tmp_path / "missing.xml", image, tmp_path / "out")
     (tmp_path / "broken.xml").write_text("<not a model")
@@ -201,7 +183,139 @@ def test_predict_rejects_bad_models_and_outputs(exported: tuple, demo_root: Path
     with pytest.raises(ValueError, match="could not read"):
         predict(tmp_path / "broken.xml", image, tmp_path / "out")
     with pytest.raises(ValueError, match="inside the input folder"):
-        predict(exported[1], demo_root / "grass", demo_root / "grass" / "results")
+        predict(exported[1], demo_root / "brick", demo_root / "brick" / "results")
+    import openvino as ov
+
+    fixed = ov.Core().read_model(str(exported[1]))
+    fixed.reshape([1, 3, 256, 256])  # a fixed-size export, as stock PatchCore's
+    ov.save_model(fixed, str(tmp_path / "fixed.xml"))
+    with pytest.raises(ValueError, match=r"cannot score images of any size \(its input is fixed at \[1,3,256,256\]\)"):
+        predict(tmp_path / "fixed.xml", image, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_keeps_an_earlier_complete_run_until_a_new_one_completes(
+    exported: tuple, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from anomalib_reconpatch.tools import predict as predict_module
+
+    xml, source, out = exported[1], demo_root / "brick" / "test", tmp_path / "out"
+    predict_module.predict(xml, source, out, log=lambda line: None)
+    earlier = snapshot(out)
+    assert len(earlier["scores.csv"].splitlines()) == 1 + len(list(source.rglob("*.png")))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        predict_module.predict(xml, tmp_path / "mistyped", out)
+    (tmp_path / "broken.xml").write_text("<not a model")
+    (tmp_path / "broken.bin").write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match="could not read"):
+        predict_module.predict(tmp_path / "broken.xml", source, out)
+    assert snapshot(out) == earlier
+    drawn, draw = [], predict_module.overlay
+
+    def interrupted(image: object, anomaly_map: object) -> object:  # Ctrl-C at the third image
+        drawn.append(image)
+        if len(drawn) == 3:
+            raise KeyboardInterrupt
+        return draw(image, anomaly_map)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(predict_module, "overlay", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            predict_module.predict(xml, source, out, log=lambda line: None)
+    left = snapshot(out)
+    assert {name: data for name, data in left.items() if ".partial" not in name} == earlier
+    assert "scores.csv.partial" in left
+    assert any(name.startswith("overlays.partial/") for name in left)
+    predict_module.predict(xml, source / "good", out, log=lambda line: None)
+    rerun = snapshot(out)
+    assert not any(".partial" in name or "previous" in name for name in rerun)
+    assert len(rerun["scores.csv"].splitlines()) == 1 + len(list((source / "good").glob("*.png")))
+    assert {name for name in rerun if name.startswith("overlays/")} == {
+        f"overlays/{path.name}" for path in (source / "good").glob("*.png")
+    }
+
+
+def test_predict_gives_same_named_images_an_overlay_each_and_names_broken_links(
+    exported: tuple, demo_root: Path, tmp_path: Path
+) -> None:
+    import csv
+
+    from PIL import Image
+
+    from anomalib_reconpatch.tools.predict import predict
+
+    source = tmp_path / "images"
+    source.mkdir()
+    good = demo_root / "brick" / "test" / "good" / "000.png"
+    Image.open(good).save(source / "x.png")
+    Image.open(good).convert("RGB").save(source / "x.jpg", quality=95)
+    (source / "gone.png").symlink_to(tmp_path / "moved-away.png")
+    lines = []
+    summary = predict(exported[1], source, tmp_path / "out", log=lines.append)
+    rows = {Path(row["image"]).name: row for row in csv.DictReader(summary.csv_path.open())}
+    assert Path(rows["x.png"]["overlay"]).name == "x.png"
+    assert Path(rows["x.jpg"]["overlay"]).name == "x.jpg.png"
+    assert all(Path(rows[name]["overlay"]).is_file() for name in ("x.png", "x.jpg"))
+    assert rows["gone.png"]["score"] == ""
+    assert "moved-away.png, which does not exist" in rows["gone.png"]["error"]
+    assert any("gone.png" in line for line in lines)
+    assert summary.images == 2
+
+
+def test_predict_output_problems_get_one_line_and_keep_the_earlier_run(
+    exported: tuple, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import errno
+
+    from PIL import Image
+
+    from anomalib_reconpatch.tools.cli import main
+    from anomalib_reconpatch.tools.predict import OutputFolderError, predict
+
+    xml, source, out = exported[1], demo_root / "brick" / "test" / "good", tmp_path / "out"
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    assert (
+        main(["predict", "--model", str(xml), "--input", str(source), "--out", str(tmp_path / "notes.txt" / "o")]) == 2
+    )
+    error_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(error_lines) == 1
+    assert "a file is in the way" in error_lines[0]
+    assert "Choose another --out" in error_lines[0]
+    predict(xml, source, out, log=lambda line: None)
+    earlier = snapshot(out)
+    save, saved = Image.Image.save, []
+
+    def disk_fills(image: Image.Image, path: object, *args: object, **kwargs: object) -> None:
+        saved.append(path)
+        if len(saved) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        save(image, path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Image.Image, "save", disk_fills)
+        with pytest.raises(OutputFolderError, match=r"^The disk is full: writing .*overlays\.partial.* failed"):
+            predict(xml, source, out, log=lambda line: None)
+    assert snapshot(out) == earlier  # nothing of the failed run is left, the earlier one is whole
+    real_open = Path.open
+
+    def refused(path: Path, *args: object, **kwargs: object) -> object:
+        if path.name.endswith(".partial"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "open", refused)
+        with pytest.raises(OutputFolderError, match=r"^No permission to write .*scores\.csv\.partial"):
+            predict(xml, source, out, log=lambda line: None)
+    assert snapshot(out) == earlier
+
+
+def test_overlay_names_never_collide() -> None:
+    from anomalib_reconpatch.tools.predict import overlay_path_for
+
+    taken: set[Path] = set()
+    names = [overlay_path_for(Path(name), taken) for name in ("a/x.jpg", "a/x.png", "a/x.jpg.png", "b/x.PNG")]
+    assert names == [Path("a/x.jpg.png"), Path("a/x.png"), Path("a/x.jpg~2.png"), Path("b/x.png")]
 
 
 def test_predict_compiles_in_float32_unless_asked_otherwise(exported: tuple) -> None:
@@ -230,13 +344,6 @@ def test_stock_openvino_inferencer_with_the_readme_config_matches_torch(
         reference = model(images).pred_score.numpy()
     scores = [float(inferencer.predict(image).pred_score.squeeze()) for image in images]
     assert np.abs(np.array(scores) - reference).max() <= 1e-3
-
-
-def test_stock_cli_exports_a_checkpoint(exported: tuple, tmp_path: Path) -> None:
-    _, _, root = exported
-    xml = stock_export(root / "model.ckpt", tmp_path, 600)
-    compiled = load_compiled_model(xml)
-    assert compiled(np.zeros((1, 3, 256, 256), dtype=np.float32))[compiled.output("pred_score")].shape == (1,)
 
 
 def test_int8_acq_is_refused_before_any_work_and_points_at_ptq(exported: tuple, tmp_path: Path) -> None:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -10,6 +16,7 @@ import torch
 from anomalib_reconpatch import ReConPatch, ReConPatchModel
 
 from .conftest import BACKBONE, LAYERS
+from .test_export import snapshot
 from .test_model import demo_images
 
 
@@ -63,21 +70,54 @@ def test_same_seed_same_bank_and_scores(lite_weights: None, demo_features: torch
 
 
 RUN_SCRIPT = """
-import logging, sys
+import sys, time
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from anomalib_reconpatch import ReConPatch
+from anomalib_reconpatch.components.coreset import FastKCenterGreedy
 
 root, results, out, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-log = logging.getLogger("anomalib_reconpatch")
-log.setLevel(logging.INFO)
-log.addHandler(logging.StreamHandler(sys.stderr))
+
+
+def mark(text):  # a phase marker for the test, which signals the run when it reads one
+    print(text, file=sys.stderr, flush=True)
+
+
+training_step, train_representation = ReConPatch.training_step, ReConPatch.train_representation
+sample_coreset = FastKCenterGreedy.sample_coreset
+
+
+def marked_training_step(self, batch, *args, **kwargs):
+    mark("phase features")
+    time.sleep(0.5)  # the signal lands while features are being extracted
+    return training_step(self, batch, *args, **kwargs)
+
+
+def marked_training(self, features, on_step=None):
+    def announce(state):
+        if state.step % 50 == 49:
+            mark(f"phase representation step {state.step + 1}/{steps}")
+
+    return train_representation(self, features, on_step=announce)
+
+
+def marked_coreset(self, progress=None):
+    def announce(selected):
+        mark(f"phase coreset {selected}")
+        time.sleep(0.5)
+        progress(selected)
+
+    return sample_coreset(self, progress=announce)
+
+
+ReConPatch.training_step, ReConPatch.train_representation = marked_training_step, marked_training
+FastKCenterGreedy.sample_coreset = marked_coreset
 torch.manual_seed(0)
-datamodule = MVTecAD(root=root, category="brick", num_workers=0)
+datamodule = MVTecAD(root=root, category="brick", num_workers=0, train_batch_size=8)
 model = ReConPatch(
     backbone="tf_efficientnet_lite0", layers=["blocks.2", "blocks.4"], num_steps=steps,
-    patches_per_step=256, coreset_sampling_ratio=0.02,
+    patches_per_step=256, coreset_sampling_ratio=0.02, feature_memory_mb=0,
 )
 engine = Engine(default_root_dir=results, logger=False, enable_progress_bar=False)
 engine.fit(model=model, datamodule=datamodule)
@@ -85,42 +125,84 @@ predictions = engine.predict(model=model, datamodule=datamodule)
 scores = torch.cat([p.pred_score for p in predictions])
 torch.save({"bank": model.model.memory_bank, "scores": scores}, out)
 """
-STEPS = 3000  # long enough that the first progress line (after 10 s) comes mid-training
+STEPS = 400  # the script announces every 50th step, so a signal can come mid-training
 
 
-def run_training(root: Path, results: Path, out: Path, kill_at: str | None = None) -> str:
-    """Train in a fresh interpreter; with ``kill_at``, SIGKILL it at the first stderr line containing that text."""
-    import os
-    import signal
-    import subprocess
-    import sys
+@dataclass
+class Run:
+    """How a training subprocess ended: the marker line it was signalled at, its exit code and its last lines."""
 
+    marker: str
+    returncode: int
+    seconds_after_signal: float
+    tail: str
+
+
+def run_training(root: Path, results: Path, out: Path, tmp: Path, signal_at: tuple[str, int] | None = None) -> Run:
+    """Train in a fresh interpreter (features spilled to ``tmp``); with ``signal_at=(text, signal)``, send
+    that signal at the first marker line containing the text, and wait for the process to end."""
+    tmp.mkdir(exist_ok=True)
     command = [sys.executable, "-u", "-c", RUN_SCRIPT, str(root), str(results), str(out), str(STEPS)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines = []
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    lines, marker, sent = [], "", 0.0
     for line in process.stderr:
         lines.append(line)
-        if kill_at is not None and kill_at in line:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
-            return line
-    assert process.wait() == 0, "".join(lines[-30:])
-    return ""
+        if signal_at is not None and not marker and signal_at[0] in line:
+            marker, sent = line.strip(), time.perf_counter()
+            os.kill(process.pid, signal_at[1])
+    returncode = process.wait()
+    seconds = time.perf_counter() - sent if marker else 0.0
+    return Run(marker, returncode, seconds, "".join(lines[-30:]))
+
+
+def spill_folders(tmp: Path) -> list[Path]:
+    return sorted(tmp.glob("reconpatch-features-*"))
 
 
 @pytest.mark.slow
-def test_training_killed_mid_representation_reruns_to_the_same_result(
+def test_training_killed_mid_representation_reruns_to_the_same_result_and_removes_the_orphaned_spill(
     lite_weights: None, demo_root: Path, tmp_path: Path
 ) -> None:
-    results = tmp_path / "results"
-    killed_at = run_training(demo_root, results, tmp_path / "killed.pt", kill_at="representation step")
-    assert killed_at, "training ended before logging a representation step: raise STEPS"
-    step = int(killed_at.split("representation step ")[1].split("/")[0])
-    assert 0 < step < STEPS, f"not killed during the representation phase: {killed_at!r}"
+    results, tmp = tmp_path / "results", tmp_path / "tmp"
+    killed = run_training(demo_root, results, tmp_path / "killed.pt", tmp, ("representation step", signal.SIGKILL))
+    assert killed.marker, f"training ended before a representation step: raise STEPS\n{killed.tail}"
+    step = int(killed.marker.split("representation step ")[1].split("/")[0])
+    assert 0 < step < STEPS, f"not killed during the representation phase: {killed.marker!r}"
+    assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "killed.pt").exists()
-    run_training(demo_root, results, tmp_path / "rerun.pt")  # same results folder, leftovers and all
-    run_training(demo_root, tmp_path / "clean", tmp_path / "clean.pt")
-    rerun, clean = torch.load(tmp_path / "rerun.pt"), torch.load(tmp_path / "clean.pt")
-    assert rerun["bank"].shape[0] > 0
-    assert torch.equal(rerun["bank"], clean["bank"])
-    assert torch.equal(rerun["scores"], clean["scores"])
+    assert len(spill_folders(tmp)) == 1  # no finalizer runs after SIGKILL
+    rerun = run_training(demo_root, results, tmp_path / "rerun.pt", tmp)  # same results folder, leftovers and all
+    assert rerun.returncode == 0, rerun.tail
+    assert spill_folders(tmp) == []  # the rerun removed the dead run's spill, then its own
+    clean = run_training(demo_root, tmp_path / "clean", tmp_path / "clean.pt", tmp_path / "tmp-clean")
+    assert clean.returncode == 0, clean.tail
+    rerun_result, clean_result = torch.load(tmp_path / "rerun.pt"), torch.load(tmp_path / "clean.pt")
+    assert rerun_result["bank"].shape[0] > 0
+    assert torch.equal(rerun_result["bank"], clean_result["bank"])
+    assert torch.equal(rerun_result["scores"], clean_result["scores"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("phase", "signal_number", "returncode"),
+    [
+        ("phase features", signal.SIGTERM, 143),
+        ("phase representation", signal.SIGTERM, 143),
+        ("phase coreset", signal.SIGTERM, 143),
+        ("phase representation", signal.SIGINT, 1),
+    ],
+)
+def test_a_signal_in_any_phase_stops_training_at_once_without_a_checkpoint_or_temporary_files(
+    lite_weights: None, demo_root: Path, tmp_path: Path, phase: str, signal_number: int, returncode: int
+) -> None:
+    before = snapshot(demo_root)
+    results, tmp = tmp_path / "results", tmp_path / "tmp"
+    run = run_training(demo_root, results, tmp_path / "out.pt", tmp, (phase, signal_number))
+    assert run.marker, f"the run never reached {phase!r}:\n{run.tail}"
+    assert run.returncode == returncode, run.tail
+    assert run.seconds_after_signal < 20, f"the run went on for {run.seconds_after_signal:.0f} s after the signal"
+    assert not (tmp_path / "out.pt").exists()
+    assert not list(results.rglob("*.ckpt"))
+    assert spill_folders(tmp) == []
+    assert snapshot(demo_root) == before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -97,3 +98,63 @@ def test_non_finite_features_are_refused_before_they_are_spilled(lite_weights: N
 def test_negative_budget_is_rejected(budget: float) -> None:
     with pytest.raises(ValueError, match=r"feature_memory_mb=.*--model.feature_memory_mb"):
         ReConPatch(backbone="not_built", feature_memory_mb=budget)
+
+
+def test_spill_folders_of_dead_processes_are_removed_and_live_ones_kept(spill_root: Path) -> None:
+    import subprocess
+    import sys
+
+    from anomalib_reconpatch.components.spill import SPILL_PREFIX, remove_orphaned_spills
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = spill_root / f"{SPILL_PREFIX}{finished.stdout.strip()}-abc"
+    (dead / "features.f32").parent.mkdir()
+    (dead / "features.f32").write_bytes(b"\0" * 64)
+    live = FeatureSpill(3)
+    unnamed = spill_root / f"{SPILL_PREFIX}xyz"
+    unnamed.mkdir()
+    assert live.folder.name.startswith(f"{SPILL_PREFIX}{os.getpid()}-")
+    assert remove_orphaned_spills() == [dead]
+    assert not dead.exists()
+    assert live.folder.is_dir()
+    assert unnamed.is_dir()
+    live.close()
+
+
+class FillingDisk:
+    """A spill file whose disk fills up after ``room`` bytes, as a small tmpfs would."""
+
+    def __init__(self, file: object, room: int) -> None:
+        self.file, self.room = file, room
+
+    def write(self, data: bytes) -> int:
+        import errno
+
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.file, name)
+
+
+def test_a_full_disk_stops_the_spill_with_the_folder_and_the_way_out_and_removes_the_file(
+    lite_weights: None, spill_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    init = FeatureSpill.__init__
+
+    def on_small_disk(self: FeatureSpill, *args: object, **kwargs: object) -> None:
+        init(self, *args, **kwargs)
+        self._file = FillingDisk(self._file, room=5 * 2**19)  # room for two batches
+
+    monkeypatch.setattr(FeatureSpill, "__init__", on_small_disk)
+    model = ReConPatch(backbone=BACKBONE, layers=LAYERS, feature_memory_mb=1, pre_trained=False)
+    model.model.forward = lambda images: torch.ones(2**20 // (152 * 4), 152)  # just under 1 MB a batch
+    batches = [SimpleNamespace(image=torch.zeros(1, 3, 8, 8))] * 8
+    with pytest.raises(OSError, match="No space left on device") as error:
+        list(map(model.training_step, batches))
+    message = str(error.value)
+    assert f"Writing the feature spill file under {spill_root} failed after 2 MB" in message
+    assert "Point TMPDIR at a disk with more room, or raise --model.feature_memory_mb" in message
+    assert list(spill_root.iterdir()) == []

@@ -226,6 +226,11 @@ class FastKCenterGreedy:
                 selected so far.
 
         Returns:
-            torch.Tensor: ``coreset_size x D`` rows of the embedding.
+            torch.Tensor: ``coreset_size x D`` rows of the embedding; every row, in order, when the ratio
+            keeps them all (a greedy "selection" of every row would cost quadratic time for nothing).
         """
+        if self.coreset_size >= self.embedding.shape[0]:
+            if progress is not None:
+                progress(self.coreset_size)
+            return self.embedding[: self.coreset_size]
         return self.embedding[self.select_coreset_idxs(progress)]

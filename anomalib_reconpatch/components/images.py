@@ -7,7 +7,9 @@ measurements are in ``docs/design/preflight-and-predict.md``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -19,40 +21,75 @@ class UnreadableImageError(ValueError):
     """Some data files cannot be decoded as images; the message lists them and what to do."""
 
 
-def image_problem(path: str | Path) -> tuple[str | None, str | None, tuple[int, int] | None]:
+EXIF_ORIENTATION = 0x0112
+"""The EXIF tag that says how a camera's image must be turned to show upright; 1 (or none) is as stored."""
+
+
+class ImageInfo(NamedTuple):
+    """What a full decode of a file found (see :func:`image_problem`).
+
+    Attributes:
+        problem (str | None): Why the file cannot be used, in words, or None for a readable image.
+        mode (str | None): The PIL mode, or None for an unreadable file.
+        size (tuple[int, int] | None): ``(height, width)`` as the image is shown (EXIF orientation
+            applied), or None for an unreadable file.
+        turned (bool): Whether an EXIF orientation tag turns or mirrors the stored pixels.
+    """
+
+    problem: str | None
+    mode: str | None = None
+    size: tuple[int, int] | None = None
+    turned: bool = False
+
+
+def orientation(image: Any) -> int:
+    """The EXIF orientation of an open PIL image: 1 (as stored) when it has none or an invalid one."""
+    value = image.getexif().get(EXIF_ORIENTATION, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def image_problem(path: str | Path) -> ImageInfo:
     """Decode ``path`` fully and say why it cannot be used, if it cannot.
 
     Args:
         path (str | Path): Image file.
 
     Returns:
-        tuple[str | None, str | None, tuple[int, int] | None]: The problem in words (the file is missing,
-        empty, not an image, or corrupt or truncated) or None for a readable image; the PIL mode; and
-        ``(height, width)``. Mode and size are None for an unreadable file.
+        ImageInfo: The problem in words (the file is missing or a broken link, empty, unreadable for its
+        permissions, not an image, or corrupt or truncated) or None for a readable image; its PIL mode,
+        shown size and whether EXIF orientation turns it.
     """
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return ImageInfo(f"it links to {os.readlink(path)}, which does not exist")
     if not path.is_file():
-        return "the file does not exist", None, None
+        return ImageInfo("the file does not exist")
     if path.stat().st_size == 0:
-        return "the file is empty (0 bytes)", None, None
+        return ImageInfo("the file is empty (0 bytes)")
     try:
         with Image.open(path) as image:
             image.load()
-            return None, image.mode, (image.height, image.width)
+            turn = orientation(image)
+            size = (image.width, image.height) if turn >= 5 else (image.height, image.width)  # 5-8 swap the sides
+            return ImageInfo(None, image.mode, size, turn != 1)
+    except PermissionError:
+        return ImageInfo("no permission to read the file (check its owner and mode)")
     except UnidentifiedImageError:
-        return "not an image file (unknown format despite its extension)", None, None
+        return ImageInfo("not an image file (unknown format despite its extension)")
     except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for truncated or corrupt data
-        return f"corrupt or truncated image ({error})", None, None
+        return ImageInfo(f"corrupt or truncated image ({error})")
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read an image as ``H x W x 3`` float32 in [0, 1], scaling 16-bit grayscale instead of clipping it.
+    """Read an image upright as ``H x W x 3`` float32 in [0, 1], scaling 16-bit grayscale instead of clipping it.
 
     Other images get anomalib's conversion (``convert("RGB")``, divided by 255), so training, testing and
     ``reconpatch predict`` see the same values; 16-bit grayscale is divided by 65535 and repeated over
-    three channels.
+    three channels. An EXIF orientation tag is applied, as image viewers do, so a camera's JPEG is
+    scored the way the user sees it (anomalib's reader ignores the tag; the pre-flight scan routes such
+    images through this reader in training and testing too).
 
     Args:
         path (str | Path): Image file.
@@ -69,9 +106,10 @@ def read_image(path: str | Path) -> np.ndarray:
         >>> image.shape, image.dtype  # doctest: +SKIP
         ((900, 900, 3), dtype('float32'))
     """
-    from PIL import Image
+    from PIL import Image, ImageOps
 
-    with Image.open(path) as image:
+    with Image.open(path) as opened:
+        image = ImageOps.exif_transpose(opened) if orientation(opened) != 1 else opened
         if image.mode in SIXTEEN_BIT_MODES:
             gray = np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
             return np.repeat(gray[..., None], 3, axis=2)

@@ -5,7 +5,9 @@ PIL traceback (often from a worker process) after minutes of feature extraction 
 full decode of every image up front is cheap next to that work and names every bad file at once
 (the cost per image is measured in ``docs/design/preflight-and-predict.md``). The scan also finds
 16-bit grayscale images, which anomalib's ``read_image`` turns almost white (PIL's
-``convert("RGB")`` clips values above 255); those are scaled to [0, 1] instead.
+``convert("RGB")`` clips values above 255), and images with an EXIF orientation tag, which anomalib
+reads as stored instead of as shown; both are re-read with our reader. Masks are checked for values
+and shape that would make the pixel metrics silently wrong.
 """
 
 from __future__ import annotations
@@ -30,21 +32,25 @@ MAX_LISTED = 10
 
 @dataclass
 class ImageScan:
-    """What a scan found: unreadable files, 16-bit images and the first image's size.
+    """What a scan found: unreadable files, 16-bit and EXIF-turned images, and the images' sizes.
 
     Attributes:
         bad (list[tuple[str, str]]): ``(path, reason)`` of every unreadable file, in scan order.
         sixteen_bit (set[str]): Paths of the 16-bit grayscale images.
+        turned (set[str]): Paths of the images that an EXIF orientation tag turns or mirrors.
         first_size (tuple[int, int] | None): ``(height, width)`` of the first readable image, or None.
+        sizes (dict[str, tuple[int, int]]): ``(height, width)`` of every readable file, by path.
     """
 
     bad: list[tuple[str, str]] = field(default_factory=list)
     sixteen_bit: set[str] = field(default_factory=set)
+    turned: set[str] = field(default_factory=set)
     first_size: tuple[int, int] | None = None
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def scan_images(paths: Iterable[str | Path]) -> ImageScan:
-    """Decode every file once and collect the unreadable and the 16-bit ones.
+    """Decode every file once and collect the unreadable, 16-bit and EXIF-turned ones, and every size.
 
     Args:
         paths (Iterable[str | Path]): Image and mask files; a path seen before is skipped.
@@ -58,14 +64,89 @@ def scan_images(paths: Iterable[str | Path]) -> ImageScan:
         if key in seen:
             continue
         seen.add(key)
-        problem, mode, size = image_problem(path)
+        problem, mode, size, turned = image_problem(path)
         if problem is not None:
             scan.bad.append((key, problem))
         elif mode in SIXTEEN_BIT_MODES:
             scan.sixteen_bit.add(key)
-        if scan.first_size is None and size is not None:
-            scan.first_size = size
+        if turned:
+            scan.turned.add(key)
+        if size is not None:
+            scan.sizes[key] = size
+            if scan.first_size is None:
+                scan.first_size = size
     return scan
+
+
+GREY_MASK_LIMIT = 0.01
+"""Largest share of a mask's pixels that may be dark grey (1 to 127) before the mask is refused."""
+
+
+def mask_problem(path: str | Path, image_size: tuple[int, int] | None) -> str | None:
+    """Say what makes a readable mask give wrong pixel metrics, if anything does.
+
+    anomalib counts every non-zero mask pixel as defective, so a mask whose background is not 0 (as
+    after re-encoding or scanning) marks the whole image defective, and a mask of another aspect ratio
+    than its image is stretched onto it. Any two-level mask with a 0 background is binary (0/255 or
+    0/1); a thin grey seam from resizing is tolerated (up to ``GREY_MASK_LIMIT`` of the pixels), and so
+    is another resolution at the same aspect ratio.
+
+    Args:
+        path (str | Path): The mask file (already known to be readable).
+        image_size (tuple[int, int] | None): ``(height, width)`` of its image, or None if unknown.
+
+    Returns:
+        str | None: The problem and what to do, or None for a usable mask.
+    """
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as mask:
+        height, width = mask.height, mask.width
+        values = np.asarray(mask.convert("L"))
+    if image_size is not None and abs(height / width - image_size[0] / image_size[1]) > 0.01:
+        return (
+            f"it is {width}x{height} px but its image is {image_size[1]}x{image_size[0]}, another aspect ratio, so "
+            "it would be stretched onto the image: use the mask made for this image"
+        )
+    levels = np.unique(values)
+    if len(levels) <= 2 and levels[0] == 0:  # binary: 0 and one defect value (255, or 1 in some data sets)
+        return None
+    grey = float(((values > 0) & (values < 128)).mean())
+    if grey > GREY_MASK_LIMIT:
+        return (
+            f"{grey:.0%} of its pixels are dark grey (1 to 127, e.g. {int(values[(values > 0) & (values < 128)][0])}), "
+            "which anomalib counts as defective: save it with 0 for good and 255 for defect pixels "
+            "(threshold it at 128)"
+        )
+    return None
+
+
+def raise_if_bad_masks(datasets: Iterable[Any], scan: ImageScan) -> None:
+    """Check every mask that the datasets will read against :func:`mask_problem`; raise one error naming all.
+
+    Args:
+        datasets (Iterable[Any]): anomalib datasets (their ``samples`` tables give image and mask pairs).
+        scan (ImageScan): The scan of their files, for the images' sizes.
+
+    Raises:
+        ValueError: If any mask would give wrong metrics; the first ``MAX_LISTED`` are named with the problem.
+    """
+    problems, seen = [], set()
+    for dataset in datasets:
+        for image, mask in mask_pairs(dataset):
+            if mask in seen:
+                continue
+            seen.add(mask)
+            problem = mask_problem(mask, scan.sizes.get(image))
+            if problem is not None:
+                problems.append((mask, problem))
+    if not problems:
+        return
+    listed = "\n".join(f"  {path}: {reason}" for path, reason in problems[:MAX_LISTED])
+    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    msg = f"{len(problems)} mask(s) would give wrong pixel metrics. Fix them as each reason says:\n{listed}{more}"
+    raise ValueError(msg)
 
 
 def raise_if_unreadable(scan: ImageScan, what: str) -> None:
@@ -84,23 +165,25 @@ def raise_if_unreadable(scan: ImageScan, what: str) -> None:
     listed = "\n".join(f"  {path}: {reason}" for path, reason in scan.bad[:MAX_LISTED])
     more = f"\n  ... and {len(scan.bad) - MAX_LISTED} more" if len(scan.bad) > MAX_LISTED else ""
     msg = (
-        f"{len(scan.bad)} {what} file(s) cannot be read as images. Remove or replace them "
-        f"(or move them out of the data folder) and run again:\n{listed}{more}"
+        f"{len(scan.bad)} {what} file(s) cannot be read as images. Fix, replace or remove them "
+        f"(or move them out of the data folder) as each reason says, and run again:\n{listed}{more}"
     )
     raise UnreadableImageError(msg)
 
 
-class SixteenBitScaled(torch.utils.data.Dataset):
-    """An anomalib dataset whose 16-bit grayscale images are scaled to [0, 1] instead of clipped.
+class RereadImages(torch.utils.data.Dataset):
+    """An anomalib dataset whose 16-bit or EXIF-turned images are re-read with :func:`read_image`.
 
-    Everything else (other images, masks, labels, ``collate_fn``, ``samples``) comes from the
-    wrapped dataset unchanged, so only data sets that contain 16-bit images are ever wrapped. The
-    dataset's augmentations must be resizes only (anomalib's default: the model's ``Resize``), so
-    that applying them to the re-read image alone keeps it aligned with the already resized mask.
+    anomalib's reader clips 16-bit grayscale to white and ignores EXIF orientation; these images are
+    read again, scaled to [0, 1] and upright. Everything else (other images, masks, labels,
+    ``collate_fn``, ``samples``) comes from the wrapped dataset unchanged, so only data sets that
+    contain such images are ever wrapped. The dataset's augmentations must be resizes only (anomalib's
+    default: the model's ``Resize``), so that applying them to the re-read image alone keeps it aligned
+    with the already resized mask.
 
     Args:
         dataset (Any): The anomalib dataset to wrap.
-        paths (set[str]): Paths of its 16-bit images, re-read with :func:`read_image`.
+        paths (set[str]): Paths of the images to re-read.
     """
 
     def __init__(self, dataset: Any, paths: set[str]) -> None:
@@ -166,17 +249,35 @@ def sample_paths(dataset: Any) -> list[str]:
     samples = getattr(dataset, "samples", None)
     if samples is None or "image_path" not in samples:
         return []
-    paths = [str(p) for p in samples["image_path"]]
-    if "mask_path" in samples and getattr(dataset, "task", TaskType.SEGMENTATION) == TaskType.SEGMENTATION:
-        abnormal = samples["label_index"] == LabelName.ABNORMAL
-        paths += [str(p) for p in samples.loc[abnormal, "mask_path"] if isinstance(p, str | Path) and str(p)]
-    return paths
+    return [str(p) for p in samples["image_path"]] + [mask for _, mask in mask_pairs(dataset)]
+
+
+def mask_pairs(dataset: Any) -> list[tuple[str, str]]:
+    """List ``(image path, mask path)`` of the anomalous images whose masks anomalib will read.
+
+    Args:
+        dataset (Any): An anomalib dataset, or any other dataset.
+
+    Returns:
+        list[tuple[str, str]]: The pairs; empty without a ``samples`` table, masks, or a segmentation task.
+    """
+    samples = getattr(dataset, "samples", None)
+    if samples is None or "image_path" not in samples or "mask_path" not in samples:
+        return []
+    if getattr(dataset, "task", TaskType.SEGMENTATION) != TaskType.SEGMENTATION:
+        return []
+    abnormal = samples.loc[samples["label_index"] == LabelName.ABNORMAL]
+    return [
+        (str(image), str(mask))
+        for image, mask in zip(abnormal["image_path"], abnormal["mask_path"], strict=True)
+        if isinstance(mask, str | Path) and str(mask)
+    ]
 
 
 def check_datamodule(datamodule: Any, splits: Sequence[str]) -> ImageScan:
-    """Scan the named datasets of a datamodule and fix the reading of their 16-bit images.
+    """Scan the named datasets of a datamodule and fix the reading of their 16-bit and EXIF-turned images.
 
-    Every dataset that holds 16-bit images is replaced on the datamodule by a :class:`SixteenBitScaled`
+    Every dataset that holds such images is replaced on the datamodule by a :class:`RereadImages`
     wrapper (one already wrapped is left as it is). Datasets that are not anomalib datasets (no
     ``samples`` table) are left alone.
 
@@ -190,39 +291,45 @@ def check_datamodule(datamodule: Any, splits: Sequence[str]) -> ImageScan:
 
     Raises:
         UnreadableImageError: If any image or mask cannot be read; every unreadable file is named.
-        ValueError: If a dataset with 16-bit images has augmentations other than resizes.
+        ValueError: If a mask would give wrong pixel metrics (:func:`mask_problem`; every such mask is
+            named), or a dataset with 16-bit or EXIF-turned images has augmentations other than resizes.
     """
     present = [(name, getattr(datamodule, name)) for name in splits if getattr(datamodule, name, None) is not None]
     scan = scan_images(path for _, dataset in present for path in sample_paths(dataset))
     where = ", ".join(name for name, _ in present)
     raise_if_unreadable(scan, f"data ({where})")
+    raise_if_bad_masks((dataset for _, dataset in present), scan)
     for name, dataset in present:
-        if isinstance(dataset, SixteenBitScaled):
+        if isinstance(dataset, RereadImages):
             continue
-        images = {str(p) for p in getattr(dataset, "samples", {}).get("image_path", [])} & scan.sixteen_bit
-        if not images:
+        images = {str(p) for p in getattr(dataset, "samples", {}).get("image_path", [])}
+        sixteen_bit, turned = images & scan.sixteen_bit, images & scan.turned
+        if not sixteen_bit | turned:
             continue
         if not only_resizes(getattr(dataset, "augmentations", None)):
             msg = (
-                f"{len(images)} 16-bit image(s) in {name} (e.g. {min(images)}) cannot be combined with the random "
-                "augmentations of the datamodule, and anomalib alone would clip them to white: convert the images "
-                "to 8-bit first or drop the augmentations."
+                f"{len(sixteen_bit | turned)} image(s) in {name} (e.g. {min(sixteen_bit | turned)}) are 16-bit or "
+                "turned by an EXIF orientation tag, which anomalib alone reads wrong (clipped to white, or as "
+                "stored), and cannot be combined with the random augmentations of the datamodule: convert them to "
+                "8-bit upright images first or drop the augmentations."
             )
             raise ValueError(msg)
-        logger.info(
-            "ReConPatch: %d 16-bit image(s) in %s are scaled to [0, 1] (anomalib would clip them)", len(images), name
-        )
-        setattr(datamodule, name, SixteenBitScaled(dataset, images))
+        if sixteen_bit:
+            logger.info("ReConPatch: %d 16-bit image(s) in %s are scaled to [0, 1]", len(sixteen_bit), name)
+        if turned:
+            logger.info("ReConPatch: %d image(s) in %s are turned upright by their EXIF tag", len(turned), name)
+        setattr(datamodule, name, RereadImages(dataset, sixteen_bit | turned))
     return scan
 
 
 STAGE_SPLITS = {
-    "fit": ("train_data", "val_data"),
+    "fit": ("train_data", "val_data", "test_data"),
     "validate": ("val_data",),
     "test": ("test_data",),
     "predict": ("test_data",),
 }
-"""The datamodule's datasets that each Lightning stage reads."""
+"""The datamodule's datasets that each Lightning stage checks; fit checks the test files too, so that one
+run names every bad file of the data set instead of one stage's at a time."""
 
 
 def preflight(module: Any, stage: str) -> ImageScan | None:

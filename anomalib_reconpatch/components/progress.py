@@ -4,6 +4,10 @@ Memory-bank models do their real work inside one Lightning hook (``fit`` at the 
 epoch), where Lightning's own bar stands still. This puts each phase (representation training,
 coreset selection) on that bar as a task of its own: a row in Lightning's rich bar, or a tqdm bar
 under its tqdm one. Without a bar (``enable_progress_bar=False``, or no trainer) nothing is drawn.
+
+Every update also checks for a SIGTERM: Lightning only notes the signal and acts on it between
+batches, which a fit in one hook never reaches, so a supervisor's stop would otherwise wait for the
+whole fit. :func:`stop_if_terminated` ends the phase at once, with the exit code 143 of a SIGTERM.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ def fit_progress(trainer: Any, description: str, total: int) -> Iterator[Progres
         task = progress.add_task(description, total=total)
 
         def update(completed: int, **values: float) -> None:
+            stop_if_terminated(trainer)
             progress.update(task, completed=completed, description=_describe(description, values))
 
         try:
@@ -58,9 +63,30 @@ def fit_progress(trainer: Any, description: str, total: int) -> Iterator[Progres
         with tqdm(total=total, desc=description, leave=True, dynamic_ncols=True) as shown:
 
             def update(completed: int, **values: float) -> None:
+                stop_if_terminated(trainer)
                 shown.set_postfix({name: f"{value:.4f}" for name, value in values.items()}, refresh=False)
                 shown.update(completed - shown.n)
 
             yield update
     else:
-        yield lambda completed, **values: None
+        yield lambda completed, **values: stop_if_terminated(trainer)
+
+
+SIGTERM_EXIT_CODE = 143
+"""The exit code of a process ended by SIGTERM (128 + 15), so that a supervisor sees the run did not finish."""
+
+
+def stop_if_terminated(trainer: Any) -> None:
+    """End the fit now if the trainer has received a SIGTERM.
+
+    Args:
+        trainer: The Lightning trainer running the fit, or None (never stops).
+
+    Raises:
+        SIGTERMException: Lightning's own, which its trainer turns into teardown and exit, with
+            ``SIGTERM_EXIT_CODE``; ``finally`` blocks (the feature spill's removal) run on the way.
+    """
+    if trainer is not None and getattr(trainer, "received_sigterm", False):
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        raise SIGTERMException(SIGTERM_EXIT_CODE)

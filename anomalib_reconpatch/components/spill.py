@@ -2,12 +2,16 @@
 
 The file lives in a fresh directory under the system temporary folder (``TMPDIR``), never next to the
 user's data or results. It is removed by :meth:`FeatureSpill.close`, and by a finalizer when the object
-is collected or the interpreter exits, so an interrupted fit does not leave it behind. Why and when
-features spill: ``docs/design/feature-spill.md``.
+is collected or the interpreter exits, so an interrupted fit does not leave it behind. A killed process
+(SIGKILL) runs no finalizer: its directory names its process id, and the next fit removes the
+directories of processes that no longer run (:func:`remove_orphaned_spills`). Why and when features
+spill: ``docs/design/feature-spill.md``.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import tempfile
 import weakref
@@ -17,6 +21,11 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
+
+SPILL_PREFIX = "reconpatch-features-"
+"""Spill directories are ``<TMPDIR>/reconpatch-features-<pid>-<random>``."""
 
 
 class SpilledFeatures:
@@ -83,7 +92,7 @@ class FeatureSpill:
     Attributes:
         dim (int): Row length.
         rows (int): Rows written so far.
-        folder (Path): The temporary directory (``reconpatch-features-*``).
+        folder (Path): The temporary directory (``reconpatch-features-<pid>-*``).
         path (Path): The row file, ``features.f32`` in ``folder``.
 
     Example:
@@ -103,7 +112,7 @@ class FeatureSpill:
     def __init__(self, dim: int, directory: str | Path | None = None) -> None:
         self.dim = dim
         self.rows = 0
-        self.folder = Path(tempfile.mkdtemp(prefix="reconpatch-features-", dir=directory))
+        self.folder = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=directory))
         self.path = self.folder / "features.f32"
         self._file = self.path.open("wb")
         self._cleanup = weakref.finalize(self, _remove, self._file, self.folder)
@@ -116,11 +125,23 @@ class FeatureSpill:
 
         Raises:
             ValueError: If ``rows`` is not ``n x dim``.
+            OSError: If the write fails (a full disk); the spill file is removed first, and the message
+                says where and what to do.
         """
         if rows.ndim != 2 or rows.shape[1] != self.dim:
             msg = f"Spilled feature rows must be n x {self.dim}, got {tuple(rows.shape)}."
             raise ValueError(msg)
-        self._file.write(rows.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        try:
+            self._file.write(rows.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        except OSError as error:  # a full disk, most likely: free it at once and say where it filled up
+            written = self.rows * self.dim * 4 / 2**20
+            self.close()
+            msg = (
+                f"Writing the feature spill file under {self.folder.parent} failed after {written:.0f} MB "
+                f"({error.strerror or error}); the file is removed. Point TMPDIR at a disk with more room, or raise "
+                "--model.feature_memory_mb to keep more features in RAM."
+            )
+            raise OSError(error.errno, msg) from error
         self.rows += rows.shape[0]
 
     def features(self) -> SpilledFeatures:
@@ -141,3 +162,37 @@ def _remove(file: BinaryIO, folder: Path) -> None:
     """Close the row file and delete its directory (the finalizer of :class:`FeatureSpill`)."""
     file.close()
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_orphaned_spills(directory: str | Path | None = None) -> list[Path]:
+    """Delete the spill directories that killed processes left behind: this user's, of processes gone.
+
+    A directory whose process still runs (another fit, maybe) is kept, and so is one that another user
+    owns or whose name does not carry a process id.
+
+    Args:
+        directory (str | Path | None): The temporary folder to search; None uses ``TMPDIR``.
+
+    Returns:
+        list[Path]: The directories removed.
+    """
+    removed = []
+    for folder in Path(directory or tempfile.gettempdir()).glob(f"{SPILL_PREFIX}*"):
+        pid = folder.name[len(SPILL_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or folder.stat().st_uid != os.getuid() or _running(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+        logger.info("ReConPatch: removed %s, left by a killed run (process %s)", folder, pid)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this id exists (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -36,11 +36,11 @@ from anomalib.models.components import AnomalibModule
 from anomalib.visualization import Visualizer
 from torch import nn
 
+from ..components.progress import stop_if_terminated
 from .lightning_model import ReConPatch
 from .torch_model import ReConPatchModel
-from .validation import _check_range, validate_hyperparameters
+from .validation import ENSEMBLE_KEY, _check_range, validate_hyperparameters
 
-ENSEMBLE_KEY = "reconpatch_ensemble_architecture"
 DEFAULT_BACKBONES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 
 
@@ -266,6 +266,7 @@ class ReConPatchEnsemble(ReConPatch, AnomalibModule):
         momentum (float): As ReConPatch's. Defaults to ``0.999``.
         sigma_unit (str): As ReConPatch's. Defaults to ``"knn"``.
         batch_sampling (str): As ReConPatch's. Defaults to ``"uniform"``.
+        optimizer (str): As ReConPatch's. Defaults to ``"adamw"``.
         coreset_sampling_ratio (float): As ReConPatch's, per member. Defaults to ``0.1``.
         num_neighbors (int): As ReConPatch's. Defaults to ``9``.
         search (str): As ReConPatch's. Defaults to ``"exact"``.
@@ -298,6 +299,7 @@ class ReConPatchEnsemble(ReConPatch, AnomalibModule):
         momentum: float = 0.999,
         sigma_unit: str = "knn",
         batch_sampling: str = "uniform",
+        optimizer: str = "adamw",
         coreset_sampling_ratio: float = 0.1,
         num_neighbors: int = 9,
         search: str = "exact",
@@ -322,7 +324,7 @@ class ReConPatchEnsemble(ReConPatch, AnomalibModule):
             for name in (
                 "layers", "pre_trained", "embedding_dim", "projection_dim", "num_steps", "patches_per_step",
                 "learning_rate", "weight_decay", "k", "alpha", "margin", "sigma", "momentum", "sigma_unit",
-                "batch_sampling", "coreset_sampling_ratio", "num_neighbors", "search",
+                "batch_sampling", "optimizer", "coreset_sampling_ratio", "num_neighbors", "search",
             )
         }  # fmt: skip
         share = None if feature_memory_mb is None else feature_memory_mb // len(names)
@@ -350,6 +352,7 @@ class ReConPatchEnsemble(ReConPatch, AnomalibModule):
         Returns:
             torch.Tensor: A dummy zero loss that requires grad, as Lightning expects from a training step.
         """
+        stop_if_terminated(self._trainer)
         for member in self.members:
             member.training_step(batch, *args, **kwargs)
         return torch.tensor(0.0, requires_grad=True, device=self.device)

@@ -54,12 +54,13 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from timm.optim import AdamP
 from torch import nn
 
 from ..components.coreset import FastKCenterGreedy
 from ..components.preflight import preflight
-from ..components.progress import fit_progress
-from ..components.spill import FeatureSpill, SpilledFeatures
+from ..components.progress import fit_progress, stop_if_terminated
+from ..components.spill import FeatureSpill, SpilledFeatures, remove_orphaned_spills
 from .loss import RelaxedContrastiveLoss
 from .quantize import quantize_on_training_images
 from .sampling import NEIGHBOR_POOL, neighbor_groups
@@ -124,9 +125,9 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
             space). Defaults to ``1000``.
         patches_per_step (int): Patches in each training mini-batch, drawn from all training images; more
             than ``k``. Defaults to ``512``.
-        learning_rate (float): AdamW learning rate, cosine-annealed to 0 over ``num_steps``.
+        learning_rate (float): The optimizer's learning rate, cosine-annealed to 0 over ``num_steps``.
             Defaults to ``1e-3``.
-        weight_decay (float): AdamW weight decay. Defaults to ``1e-2``.
+        weight_decay (float): The optimizer's decoupled weight decay. Defaults to ``1e-2``.
         k (int): Neighbourhood size of the contextual similarity and of the pairwise kernel's unit.
             Defaults to ``5``.
         alpha (float): Weight of the pairwise similarity; ``1 - alpha`` goes to the contextual one.
@@ -142,6 +143,9 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         batch_sampling (str): How training batches are drawn: ``uniform`` (independent patches) or
             ``neighbors`` (groups of ``k`` nearest patches, as STML's code does; see
             :mod:`~anomalib_reconpatch.reconpatch.sampling`). Defaults to ``"uniform"``.
+        optimizer (str): ``adamw`` (torch's AdamW) or ``adamp`` (timm's AdamP, which the paper's
+            reimplementations use; it removes the radial part of the update of scale-invariant weights).
+            Defaults to ``"adamw"``.
         coreset_sampling_ratio (float): Fraction of training patches kept in the memory bank.
             Defaults to ``0.1``.
         num_neighbors (int): Support size of PatchCore's image-score re-weighting. Defaults to ``9``.
@@ -203,6 +207,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         momentum: float = 0.999,
         sigma_unit: str = "knn",
         batch_sampling: str = "uniform",
+        optimizer: str = "adamw",
         coreset_sampling_ratio: float = 0.1,
         num_neighbors: int = 9,
         search: str = "exact",
@@ -239,6 +244,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         self.momentum = momentum
         self.sigma_unit = sigma_unit
         self.batch_sampling = batch_sampling
+        self.optimizer = optimizer
         self.coreset_sampling_ratio = coreset_sampling_ratio
         self.loss = RelaxedContrastiveLoss(margin)
         self.feature_store: list[torch.Tensor] = []
@@ -277,7 +283,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
     def configure_representation_optimizer(
         self, parameters: list[nn.Parameter]
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-        """Build the representation training's optimizer: AdamW with a cosine schedule over ``num_steps``.
+        """Build the representation training's optimizer (``optimizer``) with a cosine schedule over ``num_steps``.
 
         Args:
             parameters (list[nn.Parameter]): Parameters of ``f`` and ``g``.
@@ -286,12 +292,17 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
             tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]: The optimizer, with
             ``learning_rate`` and ``weight_decay``, and its cosine-annealing schedule.
         """
-        optimizer = torch.optim.AdamW(parameters, lr=self.learning_rate, weight_decay=self.weight_decay)
+        optimizer_class = AdamP if self.optimizer == "adamp" else torch.optim.AdamW
+        optimizer = optimizer_class(parameters, lr=self.learning_rate, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(self.num_steps, 1))
         return optimizer, scheduler
 
     def on_train_epoch_start(self) -> None:
-        """Start the feature-extraction clock and drop features of an earlier, interrupted fit."""
+        """Start the feature-extraction clock and drop features of an earlier, interrupted fit.
+
+        Also removes spill files that killed runs left in ``TMPDIR`` (:func:`remove_orphaned_spills`).
+        """
+        remove_orphaned_spills()
         self.feature_store.clear()
         if self.feature_spill is not None:
             self.feature_spill.close()
@@ -316,6 +327,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
             FloatingPointError: If spilled features hold NaN or inf (in-memory ones are checked in ``fit``).
         """
         del args, kwargs
+        stop_if_terminated(self._trainer)  # Lightning alone would finish the epoch and the fit first
         self.store_features(self.model(batch.image))
         return torch.tensor(0.0, requires_grad=True, device=self.device)
 

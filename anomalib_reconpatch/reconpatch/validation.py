@@ -16,6 +16,9 @@ from .sampling import BATCH_SAMPLINGS
 from .search import SEARCH_OPTIONS
 from .similarity import SIGMA_UNITS
 
+OPTIMIZERS = ("adamw", "adamp")
+"""The representation training's optimizers, by ``optimizer`` setting."""
+
 
 def _check_range(name: str, value: float, ok: bool, expected: str) -> None:
     """Raise the one out-of-range message for setting ``name`` unless ``ok``, saying what is expected."""
@@ -51,6 +54,8 @@ def validate_hyperparameters(params: dict[str, Any]) -> None:
     unit, sampling = params["sigma_unit"], params["batch_sampling"]
     _check_range("sigma_unit", unit, unit in SIGMA_UNITS, "one of " + ", ".join(SIGMA_UNITS))
     _check_range("batch_sampling", sampling, sampling in BATCH_SAMPLINGS, "one of " + ", ".join(BATCH_SAMPLINGS))
+    optimizer = params["optimizer"]
+    _check_range("optimizer", optimizer, optimizer in OPTIMIZERS, "one of " + ", ".join(OPTIMIZERS))
     budget = params["feature_memory_mb"]
     _check_range("feature_memory_mb", budget, budget is None or budget >= 0, "null (no limit) or megabytes >= 0")
 
@@ -104,6 +109,8 @@ def check_training_size(module: Any, datamodule: Any, scan: ImageScan) -> None:
 
 # Checkpoint key of the architecture record written by ReConPatch.on_save_checkpoint.
 ARCHITECTURE_KEY = "reconpatch_architecture"
+ENSEMBLE_KEY = "reconpatch_ensemble_architecture"
+"""The ensemble's own record (``ReConPatchEnsemble.on_save_checkpoint``), named here to recognise its checkpoints."""
 
 
 def architecture(module: Any) -> dict[str, Any]:
@@ -152,6 +159,19 @@ def check_checkpoint_matches(module: Any, checkpoint: dict[str, Any]) -> None:
         ValueError: If any of the architecture differs; the message gives the settings to pass.
     """
     saved = checkpoint.get(ARCHITECTURE_KEY)
+    state = checkpoint.get("state_dict") or {}
+    if saved is None and "model.representation.weight" not in state:
+        if ENSEMBLE_KEY in checkpoint:
+            found = "; it is a ReConPatchEnsemble's: load it with --model ReConPatchEnsemble"
+        elif "model.memory_bank" in state:
+            found = "; a memory bank without f is what Patchcore saves: load it with --model Patchcore"
+        else:
+            found = ": load it with the model that trained it"
+        msg = (
+            f"This checkpoint is not a {type(module).__name__} checkpoint (it holds no representation f){found}, "
+            f"or train {type(module).__name__} to get a checkpoint of its own."
+        )
+        raise ValueError(msg)
     if saved is None:  # written before the record existed: hyper-parameters and the weight shape
         params = checkpoint.get("hyper_parameters") or {}
         weight = (checkpoint.get("state_dict") or {}).get("model.representation.weight")
@@ -167,10 +187,22 @@ def check_checkpoint_matches(module: Any, checkpoint: dict[str, Any]) -> None:
         f"This checkpoint was trained with {_describe(saved)}, but the model it is loaded into has "
         f"{_describe(own)} ({', '.join(differs)} differ). Build the model as it was trained: "
         f"pass --model.backbone {saved.get('backbone')} --model.layers '[{layers}]' "
-        f"--model.embedding_dim {saved.get('embedding_dim')} "
+        f"--model.embedding_dim {cli_value(saved.get('embedding_dim'))} "
         "(or call ReConPatch.load_from_checkpoint(path) without overriding them)."
     )
     raise ValueError(msg)
+
+
+def cli_value(value: Any) -> str:
+    """Write a setting as the anomalib CLI reads it: ``None`` is YAML's ``null``, which the CLI accepts.
+
+    Args:
+        value (Any): The setting's value.
+
+    Returns:
+        str: The text to put after the flag.
+    """
+    return "null" if value is None else str(value)
 
 
 def _normalise(value: Any) -> Any:

@@ -13,9 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from ..latency import interleaved_medians
+from ..predict import check_output_outside
 from .callbacks import TestRecorder
 from .data import build_datamodule, load_datamodule_config, split_categories
 from .figures import heatmap_figure, plot_heatmaps, plot_roc
@@ -68,7 +70,8 @@ def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> di
 
     Raises:
         FileNotFoundError: If the data config or the data set is missing.
-        ValueError: If the data config, image size, seeds or a model name is wrong.
+        ValueError: If the data config, image size, seeds or a model name is wrong, or ``settings.out`` is
+            inside the data folder.
         RunFailedError: If a run's process ends on an unexpected error.
 
     Example:
@@ -79,6 +82,9 @@ def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> di
         ['Patchcore', 'ReConPatch']
     """
     data_config = load_datamodule_config(settings.data)
+    root = (data_config.get("init_args") or {}).get("root")
+    if root is not None:
+        check_output_outside(Path(root), settings.out)  # results never land among the user's images
     image_shape(settings.image_size)  # a bad size fails here, not after the first model's fit
     if not settings.seeds or len(set(settings.seeds)) != len(settings.seeds):
         msg = f"--seed {' '.join(map(str, settings.seeds))}: give one or more different seeds (e.g. --seed 0 1 2)."

@@ -2,9 +2,36 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .settings import CompareSettings, image_shape
+
+OWN_FLAGS = {"backbone": "--backbone", "layers": "--layers", "coreset_sampling_ratio": "--coreset-ratio"}
+"""Model settings that ``reconpatch compare`` sets with a flag of its own; the rest go through ``--reconpatch``."""
+
+
+def compare_flags(message: str) -> str:
+    """Rewrite the anomalib CLI flags in a model's error (``--model.k``) as the flags compare takes.
+
+    Args:
+        message (str): The model's error message.
+
+    Returns:
+        str: The message naming ``--backbone``, ``--layers``, ``--coreset-ratio`` or ``--reconpatch NAME=...``.
+
+    Example:
+        >>> compare_flags("k=0 is out of range; expected an integer >= 1 (set --model.k).")
+        'k=0 is out of range; expected an integer >= 1 (set --reconpatch k=...).'
+        >>> compare_flags("raise --model.coreset_sampling_ratio=0.001")
+        'raise --coreset-ratio'
+    """
+
+    def flag(match: re.Match) -> str:
+        name = match.group(1)
+        return OWN_FLAGS.get(name, f"--reconpatch {name}=...")
+
+    return re.sub(r"--model\.(\w+)(=\S*)?", flag, message)
 
 
 def make_evaluator() -> Any:
@@ -43,7 +70,8 @@ def build_model(name: str, settings: CompareSettings) -> Any:
         Any: The unfitted Lightning model.
 
     Raises:
-        ValueError: If ``anomalib.models`` has no class of that name.
+        ValueError: If ``anomalib.models`` has no class of that name, or a setting is wrong; the message
+            names compare's own flags.
     """
     import anomalib.models
 
@@ -64,4 +92,14 @@ def build_model(name: str, settings: CompareSettings) -> Any:
         kwargs["backbone"] = settings.backbone
     if issubclass(model_class, reconpatch.ReConPatch):
         kwargs.update(settings.reconpatch_args)
-    return model_class(**kwargs)
+    try:
+        return model_class(**kwargs)
+    except ValueError as error:
+        raise ValueError(compare_flags(str(error))) from error
+    except TypeError as error:  # an unknown --reconpatch name
+        unknown = re.search(r"'(\w+)'", str(error))
+        msg = (
+            f"{name} has no setting {unknown.group(1) if unknown else 'of a name given'}: check the names given to "
+            f"--reconpatch ({', '.join(settings.reconpatch_args) or 'none'}) against the model's README."
+        )
+        raise ValueError(msg) from error
