@@ -140,7 +140,8 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             command = "python " + shlex.join(sys.argv)
             args.out.write_text(
-                f"`{command}`\n\n{args.data.stem}, {args.backbone}, coreset ratio {args.coreset_ratio}\n\n{table}"
+                f"`{command}`\n\n{args.data.stem}, {args.backbone}, {'x'.join(map(str, args.image_size))} px, "
+                f"coreset ratio {args.coreset_ratio}\n\n{table}"
             )
 
 

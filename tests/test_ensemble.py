@@ -14,7 +14,7 @@ from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 
 from anomalib_reconpatch import ReConPatch, ReConPatchEnsemble
-from anomalib_reconpatch.reconpatch.ensemble import TrainingStatistics, standardise
+from anomalib_reconpatch.reconpatch.ensemble import DEFAULT_BACKBONES, TrainingStatistics, standardise
 from anomalib_reconpatch.tools.compare.models import build_model
 from anomalib_reconpatch.tools.compare.settings import CompareSettings
 from anomalib_reconpatch.tools.predict import load_compiled_model
@@ -142,6 +142,8 @@ def test_checkpoint_round_trip_and_a_single_models_checkpoint_is_refused(ensembl
         ReConPatchEnsemble.load_from_checkpoint(single_path, backbones=BACKBONES)
     with pytest.raises(ValueError, match="backbones="):
         ReConPatchEnsemble.load_from_checkpoint(path, backbones=BACKBONES[:1])
+    with pytest.raises(ValueError, match="it is a ReConPatchEnsemble's: load it with --model ReConPatchEnsemble"):
+        ReConPatch.load_from_checkpoint(path, backbone=BACKBONE, layers=LAYERS)
 
 
 def test_compare_builds_the_ensemble_on_its_own_backbones(lite_weights_all: None) -> None:
@@ -156,6 +158,14 @@ def test_compare_builds_the_ensemble_on_its_own_backbones(lite_weights_all: None
         "tf_efficientnet_lite2",
     ]
     assert all(member.num_steps == 7 for member in model.members)
+
+
+def test_compares_report_names_the_ensembles_own_backbones_only_when_it_runs() -> None:
+    from anomalib_reconpatch.tools.compare.report import ensemble_note
+
+    assert ensemble_note(["ReConPatch", "Patchcore"]) == ""
+    note = ensemble_note(["ReConPatchEnsemble", "Patchcore"])
+    assert all(f"`{name}`" in note for name in DEFAULT_BACKBONES)
 
 
 def test_an_empty_or_repeated_backbone_list_is_refused_by_name() -> None:

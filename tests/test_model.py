@@ -44,6 +44,7 @@ def demo_images(root: Path, split: str = "train/good", count: int = 4) -> torch.
         ("coreset_sampling_ratio", 1.5),
         ("sigma_unit", "pixels"),
         ("batch_sampling", "random"),
+        ("optimizer", "sgd"),
     ],
 )
 def test_out_of_range_hyperparameters_rejected_at_construction(name: str, value: float) -> None:
@@ -249,3 +250,22 @@ def test_neighbour_batches_with_normalized_sigma_train_f_on_distinct_rows() -> N
     assert all(len(torch.unique(state.batch, dim=0)) == 48 for state in seen)
     assert all(math.isfinite(state.loss) for state in seen)
     assert not torch.equal(model.model.representation.weight, torch.eye(152))
+
+
+def test_adamp_optimizer_trains_f_differently_from_adamw() -> None:
+    from timm.optim import AdamP
+
+    features = torch.randn(600, 152, generator=torch.Generator().manual_seed(0))
+    weights = {}
+    for name in ("adamw", "adamp"):
+        torch.manual_seed(0)
+        model = ReConPatch(
+            backbone=BACKBONE, layers=LAYERS, pre_trained=False, num_steps=6, patches_per_step=48, optimizer=name
+        )
+        optimizer, _ = model.configure_representation_optimizer(list(model.model.representation.parameters()))
+        assert isinstance(optimizer, AdamP) == (name == "adamp")
+        with torch.enable_grad():
+            model.train_representation(features)
+        weights[name] = model.model.representation.weight.detach().clone()
+    assert all(torch.isfinite(weight).all() and not torch.equal(weight, torch.eye(152)) for weight in weights.values())
+    assert not torch.equal(weights["adamw"], weights["adamp"])

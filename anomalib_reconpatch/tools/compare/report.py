@@ -9,7 +9,7 @@ import platform
 import shlex
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -253,6 +253,22 @@ def write_category_summary(
     return report
 
 
+def ensemble_note(models: Sequence[str]) -> str:
+    """The backbones of ``ReConPatchEnsemble``, which keeps its own instead of ``--backbone``; empty without it.
+
+    Args:
+        models (Sequence[str]): The compared model class names.
+
+    Returns:
+        str: A parenthesis for the report's setup line, or ``""``.
+    """
+    if "ReConPatchEnsemble" not in models:
+        return ""
+    from ...reconpatch.ensemble import DEFAULT_BACKBONES
+
+    return f" (ReConPatchEnsemble: {', '.join(f'`{name}`' for name in DEFAULT_BACKBONES)})"
+
+
 def write_data_report(
     settings: CompareSettings,
     data_config: dict[str, Any],
@@ -288,7 +304,8 @@ def write_data_report(
             f"figures come from seed {first}'s models)"
         )
     setup = (
-        f"Backbone `{settings.backbone}` {settings.layers}, {'x'.join(map(str, image_shape(settings.image_size)))} px "
+        f"Backbone `{settings.backbone}` {settings.layers}{ensemble_note(settings.models)}, "
+        f"{'x'.join(map(str, image_shape(settings.image_size)))} px "
         f"(height x width), coreset ratio "
         f"{settings.coreset_ratio}, {seeds_text}; {report['versions']}.\n\n"
         f"Machine: {report['machine']['cpu']}, {report['machine']['cpu_count']} cores, Python "
