@@ -90,7 +90,7 @@ def test_compare_runs_each_listed_visa_category_and_averages_them(
     for category in ("grass", "brick"):
         copy_layout(demo_root / category, root / "visa_pytorch" / category, "good", "bad")
     data = write_config(tmp_path / "visa.yaml", "anomalib.data.Visa", root=str(root), category=["grass", "brick"])
-    settings = CompareSettings(data=data, out=tmp_path / "out", **SMALL)
+    settings = CompareSettings(data=data, out=tmp_path / "out", models=["ReConPatch"], **SMALL)
     result = compare(settings, log=lambda _: None)
     summary = json.loads((settings.out / "report.json").read_text())
     assert list(summary["per_category"]) == ["grass", "brick"]
@@ -107,7 +107,7 @@ def test_compare_runs_each_listed_visa_category_and_averages_them(
         for name in ("report.md", "roc.png", "heatmaps.png"):
             assert (folder / name).stat().st_size > 1000
         assert f"({category})" in (folder / "report.md").read_text().splitlines()[0]
-    for name in ("ReConPatch", "Patchcore"):
+    for name in ("ReConPatch",):  # one model: the per-model averaging is the same for every model
         for key in (*METRIC_KEYS, "fit_s", "latency_ms"):
             values = [summary["per_category"][category][name][key] for category in ("grass", "brick")]
             assert summary["models"][name][key] == pytest.approx(statistics.fmean(values))
