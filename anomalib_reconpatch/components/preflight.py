@@ -38,15 +38,18 @@ class ImageScan:
         bad (list[tuple[str, str]]): ``(path, reason)`` of every unreadable file, in scan order.
         sixteen_bit (set[str]): Paths of the 16-bit grayscale images.
         turned (set[str]): Paths of the images that an EXIF orientation tag turns or mirrors.
-        first_size (tuple[int, int] | None): ``(height, width)`` of the first readable image, or None.
         sizes (dict[str, tuple[int, int]]): ``(height, width)`` of every readable file, by path.
     """
 
     bad: list[tuple[str, str]] = field(default_factory=list)
     sixteen_bit: set[str] = field(default_factory=set)
     turned: set[str] = field(default_factory=set)
-    first_size: tuple[int, int] | None = None
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def first_size(self) -> tuple[int, int] | None:
+        """``(height, width)`` of the first readable file (an image: images are scanned before masks), or None."""
+        return next(iter(self.sizes.values()), None)
 
 
 def scan_images(paths: Iterable[str | Path]) -> ImageScan:
@@ -73,8 +76,6 @@ def scan_images(paths: Iterable[str | Path]) -> ImageScan:
             scan.turned.add(key)
         if size is not None:
             scan.sizes[key] = size
-            if scan.first_size is None:
-                scan.first_size = size
     return scan
 
 
@@ -143,10 +144,16 @@ def raise_if_bad_masks(datasets: Iterable[Any], scan: ImageScan) -> None:
                 problems.append((mask, problem))
     if not problems:
         return
-    listed = "\n".join(f"  {path}: {reason}" for path, reason in problems[:MAX_LISTED])
-    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-    msg = f"{len(problems)} mask(s) would give wrong pixel metrics. Fix them as each reason says:\n{listed}{more}"
+    msg = f"{len(problems)} mask(s) would give wrong pixel metrics. Fix them as each reason says:\n{listing(problems)}"
     raise ValueError(msg)
+
+
+def listing(problems: Sequence[tuple[str, str]]) -> str:
+    """One indented ``path: reason`` line for each of the first ``MAX_LISTED`` problems, then a count of the rest."""
+    lines = [f"  {path}: {reason}" for path, reason in problems[:MAX_LISTED]]
+    if len(problems) > MAX_LISTED:
+        lines.append(f"  ... and {len(problems) - MAX_LISTED} more")
+    return "\n".join(lines)
 
 
 def raise_if_unreadable(scan: ImageScan, what: str) -> None:
@@ -162,11 +169,9 @@ def raise_if_unreadable(scan: ImageScan, what: str) -> None:
     """
     if not scan.bad:
         return
-    listed = "\n".join(f"  {path}: {reason}" for path, reason in scan.bad[:MAX_LISTED])
-    more = f"\n  ... and {len(scan.bad) - MAX_LISTED} more" if len(scan.bad) > MAX_LISTED else ""
     msg = (
         f"{len(scan.bad)} {what} file(s) cannot be read as images. Fix, replace or remove them "
-        f"(or move them out of the data folder) as each reason says, and run again:\n{listed}{more}"
+        f"(or move them out of the data folder) as each reason says, and run again:\n{listing(scan.bad)}"
     )
     raise UnreadableImageError(msg)
 
