@@ -233,6 +233,10 @@ def test_predict_keeps_an_earlier_complete_run_until_a_new_one_completes(
     assert {name for name in rerun if name.startswith("overlays/")} == {
         f"overlays/{path.name}" for path in (source / "good").glob("*.png")
     }
+    (tmp_path / "unreadable").mkdir()
+    (tmp_path / "unreadable" / "empty.png").touch()
+    predict_module.predict(xml, tmp_path / "unreadable", out, log=lambda line: None)  # nothing scored: still published
+    assert sorted(snapshot(out)) == ["scores.csv"]
 
 
 def test_predict_gives_same_named_images_an_overlay_each_and_names_broken_links(

@@ -275,7 +275,7 @@ def publish_run(out: Path) -> None:
         final.rename(previous)
         staged.rename(final)
         shutil.rmtree(previous)
-    elif staged.exists():
+    else:
         staged.rename(final)
     (out / f"scores.csv{STAGING_SUFFIX}").replace(out / "scores.csv")
 
@@ -340,6 +340,7 @@ def write_run(
 
     names = {output.get_any_name() for output in compiled.outputs}
     staged_overlays = out / f"overlays{STAGING_SUFFIX}"
+    staged_overlays.mkdir()  # even a run without one readable image publishes its (empty) overlays
     count, skipped, taken = 0, [], set()
     with (out / f"scores.csv{STAGING_SUFFIX}").open("w", newline="") as handle:
         writer = csv.writer(handle)
