@@ -62,6 +62,32 @@ def test_openvino_matches_torch_at_any_batch(exported: tuple, demo_root: Path, b
     assert np.abs(amap - ref_map).max() <= 1e-2 * map_range
 
 
+def enlarged_images(root: Path, size: tuple[int, int]) -> torch.Tensor:
+    """Two real demo images scaled up to ``size`` (h, w), so that the model's graph has to shrink them."""
+    from PIL import Image
+
+    files = sorted((root / "brick" / "test" / "scratch").glob("*.png"))[:2]
+    images = [
+        np.asarray(Image.open(f).convert("RGB").resize(size[::-1], Image.BICUBIC), np.float32) / 255 for f in files
+    ]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.mark.parametrize("size", [(320, 320), (333, 517), (256, 640)])
+def test_openvino_scores_larger_images_as_the_trained_model_does(
+    exported: tuple, demo_root: Path, size: tuple[int, int]
+) -> None:
+    model, xml, _ = exported
+    images = enlarged_images(demo_root, size)
+    with torch.no_grad():  # Engine.predict's path: the training resize (antialiased), the model, post-processing
+        reference = model.post_processor(model.model(model.pre_processor.transform(images)))
+    compiled = load_compiled_model(xml)
+    result = compiled(images.numpy())
+    ref_map = reference.anomaly_map.numpy()
+    assert np.abs(result[compiled.output("pred_score")] - reference.pred_score.numpy()).max() <= 1e-4
+    assert np.abs(result[compiled.output("anomaly_map")] - ref_map).max() <= 1e-3 * np.ptp(ref_map)
+
+
 def test_int8_ptq_through_the_stock_cli_calibrates_on_training_images_and_keeps_the_ranking(
     exported: tuple, demo_root: Path, tmp_path: Path
 ) -> None:

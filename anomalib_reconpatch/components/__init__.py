@@ -6,6 +6,7 @@
 - ``spill``: training features beyond a memory budget, in a temporary memory-mapped file.
 - ``images``: the image reader that scales 16-bit grayscale instead of clipping it (no torch).
 - ``preflight``: every image of a stage decoded before any work, each unreadable file named.
+- ``resize``: the pre-processor whose exported graph resizes antialiased, exactly as training does.
 
 This package imports nothing on its own, so ``images`` and ``hub_cache`` stay free of torch.
 """
