@@ -255,9 +255,10 @@ class ReConPatchEnsemble(ReConPatch, AnomalibModule):
         pre_trained (bool): Load ImageNet weights. Defaults to ``True``.
         embedding_dim (int | None): As ReConPatch's, for every member. Defaults to ``None``.
         projection_dim (int): As ReConPatch's. Defaults to ``128``.
-        num_steps (int): As ReConPatch's, per member; 0 gives the untrained ensemble. Defaults to ``1000``.
+        num_steps (int | None): As ReConPatch's, per member; 0 gives the untrained ensemble, None follows
+            the data. Defaults to ``None``.
         patches_per_step (int): As ReConPatch's. Defaults to ``512``.
-        learning_rate (float): As ReConPatch's. Defaults to ``1e-3``.
+        learning_rate (float): As ReConPatch's. Defaults to ``1e-5``.
         weight_decay (float): As ReConPatch's. Defaults to ``1e-2``.
         k (int): As ReConPatch's. Defaults to ``5``.
         alpha (float): As ReConPatch's. Defaults to ``0.5``.
@@ -266,7 +267,7 @@ class ReConPatchEnsemble(ReConPatch, AnomalibModule):
         momentum (float): As ReConPatch's. Defaults to ``0.999``.
         sigma_unit (str): As ReConPatch's. Defaults to ``"knn"``.
         batch_sampling (str): As ReConPatch's. Defaults to ``"uniform"``.
-        optimizer (str): As ReConPatch's. Defaults to ``"adamw"``.
+        optimizer (str): As ReConPatch's. Defaults to ``"adamp"``.
         coreset_sampling_ratio (float): As ReConPatch's, per member. Defaults to ``0.1``.
         num_neighbors (int): As ReConPatch's. Defaults to ``9``.
         search (str): As ReConPatch's. Defaults to ``"exact"``.
@@ -288,9 +289,9 @@ class ReConPatchEnsemble(ReConPatch, AnomalibModule):
         pre_trained: bool = True,
         embedding_dim: int | None = None,
         projection_dim: int = 128,
-        num_steps: int = 1000,
+        num_steps: int | None = None,
         patches_per_step: int = 512,
-        learning_rate: float = 1e-3,
+        learning_rate: float = 1e-5,
         weight_decay: float = 1e-2,
         k: int = 5,
         alpha: float = 0.5,
@@ -299,7 +300,7 @@ class ReConPatchEnsemble(ReConPatch, AnomalibModule):
         momentum: float = 0.999,
         sigma_unit: str = "knn",
         batch_sampling: str = "uniform",
-        optimizer: str = "adamw",
+        optimizer: str = "adamp",
         coreset_sampling_ratio: float = 0.1,
         num_neighbors: int = 9,
         search: str = "exact",

@@ -43,7 +43,8 @@ def validate_hyperparameters(params: dict[str, Any]) -> None:
     _check_range("momentum", params["momentum"], 0.0 <= params["momentum"] < 1.0, "0 <= momentum < 1")
     ratio = params["coreset_sampling_ratio"]
     _check_range("coreset_sampling_ratio", ratio, 0.0 < ratio <= 1.0, "0 < ratio <= 1")
-    _check_range("num_steps", params["num_steps"], params["num_steps"] >= 0, "an integer >= 0")
+    steps = params["num_steps"]
+    _check_range("num_steps", steps, steps is None or steps >= 0, "an integer >= 0, or null to follow the data")
     batch = params["patches_per_step"]
     _check_range("patches_per_step", batch, batch > params["k"], f"an integer > k ({params['k']})")
     _check_range("learning_rate", params["learning_rate"], params["learning_rate"] > 0, "learning_rate > 0")

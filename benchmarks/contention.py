@@ -1,0 +1,129 @@
+"""The fit's phases on a quiet CPU and beside competing CPU-bound processes, ReConPatch and PatchCore in one run.
+
+    python benchmarks/contention.py --data configs/data/mpdd_metal_plate.yaml --competitors 4 \
+        --out docs/results/contention/mpdd_metal_plate.md
+
+Each fit runs in a fresh process: stock Patchcore, then ReConPatch, first alone and then beside
+``--competitors`` busy-looping Python processes (one core's worth of work each, started before the
+fit and killed after it). ReConPatch's phases are its own ``fit_timings`` (features, representation
+training, embedding and coreset); PatchCore's are the feature pass and its ``fit`` (the coreset
+loop). The table gives each phase's seconds alone and loaded, and the slowdown ratio. The
+competitors are plain Python loops, so they compete for cores without touching memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import data_parser
+
+BUSY = "while True: pass"
+
+
+def child(args: argparse.Namespace) -> None:
+    """Fit one model once and print its phase timings as one JSON line."""
+    from anomalib.engine import Engine
+    from anomalib.models import Patchcore
+    from lightning.pytorch import seed_everything
+
+    from anomalib_reconpatch import ReConPatch
+    from anomalib_reconpatch.reconpatch import lightning_model
+    from anomalib_reconpatch.tools.compare import build_datamodule, load_datamodule_config
+    from anomalib_reconpatch.tools.compare.callbacks import PhaseTimer
+
+    if args.representation_threads:
+        lightning_model.REPRESENTATION_THREADS = args.representation_threads
+    seed_everything(0, workers=True)
+    datamodule = build_datamodule(load_datamodule_config(args.data), seed=0)
+    common = {"backbone": args.backbone, "layers": args.layers, "coreset_sampling_ratio": args.coreset_ratio}
+    if args.child == "ReConPatch":
+        model = ReConPatch(**common, num_steps=args.num_steps, visualizer=False)
+    else:
+        model = Patchcore(**common, visualizer=False)
+    timer = PhaseTimer()
+    with tempfile.TemporaryDirectory() as root:
+        engine = Engine(
+            default_root_dir=root, logger=False, enable_progress_bar=False, limit_val_batches=0, callbacks=[timer]
+        )
+        engine.fit(model=model, datamodule=datamodule)
+    if args.child == "ReConPatch":
+        phases = {
+            "features": model.fit_timings["features_s"],
+            "representation": model.fit_timings["representation_s"],
+            "embedding + coreset": model.fit_timings["coreset_s"],
+        }
+    else:
+        phases = {"features": timer.features_s, "coreset": timer.fit_s}
+    print(json.dumps(phases))
+
+
+def run_child(args: argparse.Namespace, model: str) -> dict[str, float]:
+    """One fit of ``model`` in a fresh process; its phases in seconds."""
+    command = [sys.executable, __file__, "--child", model, *sys.argv[1:]]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def measure(args: argparse.Namespace, competitors: int) -> dict[str, dict[str, float]]:
+    """Both models' phases with ``competitors`` busy processes running beside them."""
+    busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(competitors)]
+    try:
+        time.sleep(1 if busy else 0)
+        return {model: run_child(args, model) for model in ("Patchcore", "ReConPatch")}
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+
+
+def main() -> None:
+    """Measure alone and loaded, print and write the table."""
+    parser = data_parser(__doc__)
+    parser.add_argument("--coreset-ratio", type=float, default=0.01)
+    parser.add_argument("--num-steps", type=int, help="ReConPatch's representation steps (default: the model's)")
+    parser.add_argument("--competitors", type=int, default=4)
+    parser.add_argument(
+        "--representation-threads", type=int, help="fix training's thread count (default: the model's choice)"
+    )
+    parser.add_argument("--out", type=Path, help="the Markdown report to write")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    alone = measure(args, 0)
+    loaded = measure(args, args.competitors)
+    lines = [
+        f"# Fit phases alone and beside {args.competitors} busy processes: {args.data.stem}",
+        "",
+        f"`{shlex.join(['python', *sys.argv])}`",
+        "",
+        f"tf_efficientnet_lite0 unless set, coreset {args.coreset_ratio}, "
+        f"ReConPatch num_steps {'null' if args.num_steps is None else args.num_steps}, "
+        f"representation training on {args.representation_threads or 'the faster of all threads and one'} "
+        "thread(s); "
+        "each fit in a fresh process.",
+        "",
+        f"| model | phase | alone s | beside {args.competitors} s | slowdown |",
+        "|---|---|---|---|---|",
+    ]
+    for model, phases in alone.items():
+        for phase, seconds in phases.items():
+            busy = loaded[model][phase]
+            lines.append(f"| {model} | {phase} | {seconds:.1f} | {busy:.1f} | {busy / max(seconds, 1e-9):.1f}x |")
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The thread chooser of representation training: all threads while they are faster, one while it is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anomalib_reconpatch.components.threads import ThreadChooser, torch_threads
+
+
+def run(chooser: ThreadChooser, steps: range, seconds: dict[int, float]) -> list[int]:
+    """Drive ``chooser`` over ``steps`` with a fixed step time per thread count; the counts it chose."""
+    chosen = []
+    for step in steps:
+        threads = chooser.threads(step)
+        chosen.append(threads)
+        chooser.record(step, seconds[threads])
+    return chosen
+
+
+def test_a_quiet_machine_keeps_all_threads_after_probing_one() -> None:
+    chooser = ThreadChooser(all_threads=2, probe=3, period=20)
+    chosen = run(chooser, range(20), {2: 0.026, 1: 0.041})
+    assert chosen[:6] == [2, 2, 2, 1, 1, 1]
+    assert set(chosen[6:]) == {2}
+
+
+def test_a_busy_machine_moves_to_one_thread_and_back_when_the_load_goes() -> None:
+    chooser = ThreadChooser(all_threads=2, probe=3, period=20)
+    busy = run(chooser, range(20), {2: 0.9, 1: 0.12})
+    assert set(busy[6:]) == {1}
+    quiet = run(chooser, range(20, 40), {2: 0.026, 1: 0.041})
+    assert quiet[:6] == [2, 2, 2, 1, 1, 1]
+    assert set(quiet[6:]) == {2}
+
+
+def test_one_slow_probe_step_does_not_decide_alone() -> None:
+    chooser = ThreadChooser(all_threads=2, probe=3, period=20)
+    for step, seconds in enumerate([0.5, 0.026, 0.027, 0.041, 0.040, 0.042]):  # a hiccup on the first step
+        chooser.record(step, seconds)
+    assert chooser.threads(6) == 2
+
+
+def test_a_single_thread_has_nothing_to_choose() -> None:
+    chooser = ThreadChooser(all_threads=1)
+    assert run(chooser, range(10), {1: 0.05}) == [1] * 10
+
+
+def test_thread_count_is_restored_after_the_block() -> None:
+    before = torch.get_num_threads()
+    with torch_threads():
+        torch.set_num_threads(1)
+    assert torch.get_num_threads() == before
+
+
+def test_training_gives_the_same_f_whichever_thread_count_runs_a_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    from anomalib_reconpatch import ReConPatch
+    from anomalib_reconpatch.reconpatch import lightning_model
+
+    from .conftest import BACKBONE, LAYERS
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread only: nothing to compare")
+    features = torch.randn(3000, 152, generator=torch.Generator().manual_seed(0))
+    trained = []
+    for threads in (1, torch.get_num_threads()):
+        monkeypatch.setattr(lightning_model, "REPRESENTATION_THREADS", threads)
+        model = ReConPatch(backbone=BACKBONE, layers=LAYERS, pre_trained=False, num_steps=30, learning_rate=1e-3)
+        torch.manual_seed(1)
+        with torch.enable_grad():
+            model.train_representation(features)
+        trained.append(model.model.representation.weight.detach().clone())
+    assert torch.equal(trained[0], trained[1])
