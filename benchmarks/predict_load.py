@@ -10,12 +10,16 @@ folder grows.
 
     .venv/bin/python benchmarks/predict_load.py               # builds a small demo model first
     .venv/bin/python benchmarks/predict_load.py --model model.xml --counts 100 1000 5000
+    .venv/bin/python benchmarks/predict_load.py --counts 100 --large 8000 6000   # plus one 48-megapixel image
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -43,6 +47,25 @@ def build_model(work: Path, image_size: int) -> Path:
     engine = Engine(default_root_dir=work / "results", logger=False, enable_progress_bar=False)
     engine.fit(model=model, datamodule=MVTecAD(root=work / "demo", category="grass", num_workers=0))
     return model.eval().to_openvino(work / "openvino")
+
+
+def cpu_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo``, or the machine type where there is none."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def write_large_image(source: Path, folder: Path, size: tuple[int, int]) -> None:
+    """One PNG of ``size`` (width, height) in ``folder``: a demo test image enlarged, as a camera's photo."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    with Image.open(source) as image:
+        image.convert("RGB").resize(size, Image.Resampling.BICUBIC).save(folder / "large.png")
 
 
 def write_images(sources: list[Path], folder: Path, count: int) -> None:
@@ -99,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="exported model.xml; default: train and export a small demo model")
     parser.add_argument("--counts", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--image-size", type=int, default=256, help="side of the demo images written (pixels)")
+    parser.add_argument(
+        "--large", type=int, nargs=2, metavar=("WIDTH", "HEIGHT"), help="also predict one image of this size"
+    )
+    parser.add_argument("--out", type=Path, help="also write the table, with this command atop, to this file")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="predict_load_") as tmp:
         work = Path(tmp)
@@ -115,16 +142,39 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_predict(model, work / f"images_{count}", work / f"out_{count}"))
             shutil.rmtree(work / f"images_{count}")
             shutil.rmtree(work / f"out_{count}")
-    print(f"model: {args.model or 'demo grass, built here'}; images {args.image_size}x{args.image_size} px PNG")
-    print("| images | wall s | loop s | images/s | peak RSS MB |")
-    print("|---:|---:|---:|---:|---:|")
+        if args.large:
+            write_large_image(sources[0], work / "large", tuple(args.large))
+            rows.append({**run_predict(model, work / "large", work / "out_large"), "size": tuple(args.large)})
+    lines = [
+        f"model: {args.model or 'demo grass, built here'}; images {args.image_size}x{args.image_size} px PNG"
+        + (f", and one {args.large[0]}x{args.large[1]} px PNG (a demo image enlarged)" if args.large else ""),
+        "",
+        "| images | wall s | loop s | images/s | peak RSS MB |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for row in rows:
-        print(
-            f"| {row['images']} | {row['wall_s']:.1f} | {row['loop_s']:.1f} | {row['images_per_s']:.1f} "
+        images = f"1 of {row['size'][0]}x{row['size'][1]} px" if "size" in row else str(row["images"])
+        lines.append(
+            f"| {images} | {row['wall_s']:.1f} | {row['loop_s']:.1f} | {row['images_per_s']:.1f} "
             f"| {row['peak_rss_mb']:.0f} |"
         )
-    growth = rows[-1]["peak_rss_mb"] - rows[0]["peak_rss_mb"]
-    print(f"peak RSS change from {rows[0]['images']} to {rows[-1]['images']} images: {growth:+.0f} MB")
+    counted = [row for row in rows if "size" not in row]
+    if len(counted) > 1:
+        growth = counted[-1]["peak_rss_mb"] - counted[0]["peak_rss_mb"]
+        first, last = counted[0]["images"], counted[-1]["images"]
+        lines += ["", f"peak RSS change from {first} to {last} images: {growth:+.0f} MB"]
+    print("\n".join(lines))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        head = [
+            "# reconpatch predict: throughput and peak memory",
+            "",
+            f"`{shlex.join(['python', *sys.argv])}`",
+            "",
+            f"{cpu_name()}, {os.cpu_count()} cores, {platform.platform()}; each run in a fresh process.",
+            "",
+        ]
+        args.out.write_text("\n".join(head + lines) + "\n")
     return 0
 
 

@@ -13,6 +13,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+"""File suffixes (lower case) read as images by ``reconpatch predict`` and looked at by the data checks."""
+
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 """PIL modes of 16-bit grayscale images (PIL opens some as 32-bit ``I``); ``convert("RGB")`` would clip them."""
 
@@ -82,7 +85,7 @@ def image_problem(path: str | Path) -> ImageInfo:
         return ImageInfo(f"corrupt or truncated image ({error})")
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, channels_first: bool = False) -> np.ndarray:
     """Read an image upright as ``H x W x 3`` float32 in [0, 1], scaling 16-bit grayscale instead of clipping it.
 
     Other images get anomalib's conversion (``convert("RGB")``, divided by 255), so training, testing and
@@ -91,11 +94,16 @@ def read_image(path: str | Path) -> np.ndarray:
     scored the way the user sees it (anomalib's reader ignores the tag; the pre-flight scan routes such
     images through this reader in training and testing too).
 
+    The float image is written once, in place: a large photo costs its float32 size plus its 8-bit size,
+    not several float copies (an 8000 x 6000 image is 576 MB as float32).
+
     Args:
         path (str | Path): Image file.
+        channels_first (bool): Return ``3 x H x W`` (a model's layout) instead of ``H x W x 3``, without an
+            extra copy. Defaults to ``False``.
 
     Returns:
-        np.ndarray: ``H x W x 3`` float32 array in [0, 1].
+        np.ndarray: ``H x W x 3`` (or ``3 x H x W``) float32 array in [0, 1], contiguous.
 
     Raises:
         OSError: For a missing, truncated or non-image file; PIL raises other types for some corrupt data.
@@ -111,6 +119,15 @@ def read_image(path: str | Path) -> np.ndarray:
     with Image.open(path) as opened:
         image = ImageOps.exif_transpose(opened) if orientation(opened) != 1 else opened
         if image.mode in SIXTEEN_BIT_MODES:
-            gray = np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
-            return np.repeat(gray[..., None], 3, axis=2)
-        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+            raw, scale = np.asarray(image)[..., None], 65535.0
+        else:
+            raw, scale = np.asarray(image.convert("RGB")), 255.0
+    height, width = raw.shape[:2]
+    if channels_first:
+        array = np.empty((3, height, width), dtype=np.float32)
+        array[...] = raw.transpose(2, 0, 1)
+    else:
+        array = np.empty((height, width, 3), dtype=np.float32)
+        array[...] = raw
+    array /= scale
+    return np.clip(array, 0.0, 1.0, out=array)

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-"""File extensions (lower case) that a folder search treats as images."""
+from ..components.images import IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -204,31 +203,49 @@ def read_rgb(path: Path) -> np.ndarray:
     from ..components.images import UnreadableImageError, image_problem, read_image
 
     try:
-        image = read_image(path)
+        image = read_image(path, channels_first=True)
     except Exception as error:  # PIL raises several types for broken files; the scan names the cause
         reason = image_problem(path)[0] or str(error)
         msg = f"Cannot read image {path}: {reason}. Fix, replace or remove the file."
         raise UnreadableImageError(msg) from error
-    return np.ascontiguousarray(image.transpose(2, 0, 1)[None])
+    return image[None]
+
+
+MAX_OVERLAY_SIDE = 2048
+"""Longest side of an overlay PNG: larger images get a reduced overlay (a full-size one of an 8000 x 6000
+photo is a 48-megapixel PNG that takes seconds to write and gigabytes to draw); the score is unaffected."""
+
+OVERLAY_ROWS = 512
+"""Image rows converted to 8 bits at a time for the overlay."""
 
 
 def overlay(image: np.ndarray, anomaly_map: np.ndarray) -> np.ndarray:
-    """Blend a jet-coloured anomaly map over the image.
+    """Blend a jet-coloured anomaly map over the image, at most ``MAX_OVERLAY_SIDE`` pixels on a side.
 
     Args:
-        image (np.ndarray): ``H x W x 3`` image in [0, 1].
-        anomaly_map (np.ndarray): 2-D anomaly map, clipped to [0, 1] and resized to ``H x W``.
+        image (np.ndarray): ``3 x H x W`` image in [0, 1], the model's input.
+        anomaly_map (np.ndarray): 2-D anomaly map, clipped to [0, 1] and resized to the overlay's size.
 
     Returns:
-        np.ndarray: ``H x W x 3`` uint8 overlay, 55 % image and 45 % colour.
+        np.ndarray: ``h x w x 3`` uint8 overlay, 55 % image and 45 % colour; ``h x w`` is ``H x W``, reduced
+        with its aspect kept so that the longer side is at most ``MAX_OVERLAY_SIDE``.
     """
     from matplotlib import colormaps
     from PIL import Image
 
-    height, width = image.shape[:2]
-    heat = np.asarray(Image.fromarray(np.clip(anomaly_map, 0, 1).astype(np.float32)).resize((width, height)))
-    coloured = colormaps["jet"](heat)[..., :3]
-    return (np.clip(0.55 * image + 0.45 * coloured, 0, 1) * 255).astype(np.uint8)
+    height, width = image.shape[1:]
+    scale = min(1.0, MAX_OVERLAY_SIDE / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    pixels = np.empty((height, width, 3), dtype=np.uint8)
+    for top in range(0, height, OVERLAY_ROWS):  # in bands: a float copy of a huge image would double its memory
+        pixels[top : top + OVERLAY_ROWS] = np.round(image[:, top : top + OVERLAY_ROWS].transpose(1, 2, 0) * 255)
+    picture = Image.fromarray(pixels)
+    if scale < 1.0:
+        picture = picture.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    heat = np.asarray(Image.fromarray(np.clip(anomaly_map, 0, 1).astype(np.float32)).resize(size))
+    coloured = colormaps["jet"](heat, bytes=True)[..., :3].astype(np.float32)
+    blended = 0.55 * np.asarray(picture, dtype=np.float32) + 0.45 * coloured
+    return np.clip(blended, 0, 255).astype(np.uint8)
 
 
 def overlay_path_for(relative: Path, taken: set[Path]) -> Path:
@@ -359,7 +376,7 @@ def write_run(
             amap = result[compiled.output("anomaly_map")][0]
             relative = overlay_path_for(path.relative_to(source) if source.is_dir() else Path(path.name), taken)
             (staged_overlays / relative).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(overlay(image[0].transpose(1, 2, 0), amap)).save(staged_overlays / relative, format="PNG")
+            Image.fromarray(overlay(image[0], amap)).save(staged_overlays / relative, format="PNG")
             row = [str(path), f"{score:.6f}", "" if label is None else int(label), str(out / "overlays" / relative), ""]
             writer.writerow(row)
             count += 1
