@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -263,6 +268,34 @@ def test_predict_keeps_an_earlier_complete_run_until_a_new_one_completes(
     (tmp_path / "unreadable" / "empty.png").touch()
     predict_module.predict(xml, tmp_path / "unreadable", out, log=lambda line: None)  # nothing scored: still published
     assert sorted(snapshot(out)) == ["scores.csv"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_a_signal_to_a_predict_process_keeps_the_earlier_run_and_leaves_the_new_one_marked_incomplete(
+    exported: tuple, demo_root: Path, tmp_path: Path, signum: signal.Signals
+) -> None:
+    from anomalib_reconpatch.tools.predict import predict
+
+    xml, out, many = exported[1], tmp_path / "out", tmp_path / "many"
+    predict(xml, demo_root / "brick" / "test" / "good", out, log=lambda line: None)
+    earlier = snapshot(out)
+    sources = sorted((demo_root / "brick" / "test").rglob("*.png"))
+    many.mkdir()
+    for index in range(300):
+        shutil.copyfile(sources[index % len(sources)], many / f"{index:03d}.png")
+    command = [sys.executable, "-m", "anomalib_reconpatch.tools.cli", "predict", "--model", str(xml)]
+    process = subprocess.Popen([*command, "--input", str(many), "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    staged = out / "overlays.partial"
+    deadline = time.monotonic() + 120
+    while process.poll() is None and len(list(staged.glob("*.png"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "predict finished before it could be signalled"
+    process.send_signal(signum)
+    code = process.wait(timeout=60)
+    assert code != 0
+    left = snapshot(out)
+    assert {name: data for name, data in left.items() if ".partial" not in name} == earlier
+    assert 3 <= len([name for name in left if name.startswith("overlays.partial/")]) < 300
 
 
 def test_predict_gives_same_named_images_an_overlay_each_and_names_broken_links(

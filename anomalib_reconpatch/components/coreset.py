@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -64,13 +65,66 @@ def _balls(features: torch.Tensor, ball_size: int, generator: torch.Generator) -
     return index, valid
 
 
+class Agreement(Protocol):
+    """How the processes that each hold a shard of the rows agree on a selection (see ``distributed``)."""
+
+    def total(self, values: torch.Tensor) -> torch.Tensor:
+        """The sum of ``values`` over every shard."""
+        ...
+
+    def pick(self, distance: torch.Tensor, row: torch.Tensor) -> tuple[bool, torch.Tensor]:
+        """The row with the largest ``distance`` over every shard: whether it is this shard's, and the row."""
+        ...
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every shard's ``rows``, concatenated in shard order."""
+        ...
+
+
+class OneShard:
+    """The :class:`Agreement` of a process that holds every row."""
+
+    def total(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` itself: there is no other shard."""
+        return values
+
+    def pick(self, distance: torch.Tensor, row: torch.Tensor) -> tuple[bool, torch.Tensor]:
+        """This shard's candidate, which is the farthest of all."""
+        del distance
+        return True, row
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` themselves."""
+        return rows
+
+
+def farthest_from_mean(features: torch.Tensor, agreement: Agreement) -> tuple[int, bool, torch.Tensor]:
+    """The row farthest from the mean of all rows: the start of the greedy selection.
+
+    It is the same row whatever the order of the rows and however they are split into shards, so a
+    distributed fit starts where one process would.
+
+    Returns:
+        tuple[int, bool, torch.Tensor]: This shard's candidate index, whether it is the chosen row, and the row.
+    """
+    count = torch.tensor([len(features)], dtype=torch.float64)
+    total = agreement.total(torch.cat([features.sum(0, dtype=torch.float64), count]))
+    mean = (total[:-1] / total[-1]).to(features.dtype)
+    far = torch.cat([(chunk - mean).pow(2).sum(1) for chunk in features.split(65536)])
+    index = int(far.argmax())
+    mine, row = agreement.pick(far[index], features[index])
+    return index, mine, row
+
+
 def greedy_k_center(
     features: torch.Tensor,
     n_select: int,
-    start: int,
+    start: int | None = None,
     ball_size: int = 256,
     generator: torch.Generator | None = None,
     progress: Callable[[int], None] | None = None,
+    agreement: Agreement | None = None,
+    on_pick: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Select ``n_select`` rows by greedy k-center, starting at row ``start``.
 
@@ -79,21 +133,30 @@ def greedy_k_center(
     and the triangle inequality let most steps skip most rows (see ``docs/design/coreset-pruning.md``).
     The loop logs how many balls it scans per step every 10 seconds.
 
+    With an ``agreement`` across processes, each process passes its shard of the rows: every step,
+    each proposes its farthest row and all take the farthest proposal, so the selection is the one a
+    single process would make on all rows, and no process ever holds them all.
+
     Args:
-        features (torch.Tensor): ``N x D`` rows; non-float rows are converted to float32.
-        n_select (int): Number of rows to select, in ``(0, N]``.
-        start (int): Index of the first selected row.
+        features (torch.Tensor): ``N x D`` rows (this process's shard); non-float rows become float32.
+        n_select (int): Number of rows to select over all shards, in ``(0, N]`` (``N`` of all shards).
+        start (int | None): Index of the first selected row; None starts at the row farthest from the
+            mean (:func:`farthest_from_mean`), the only start that shards can agree on. Defaults to ``None``.
         ball_size (int): Largest number of rows in one ball.
         generator (torch.Generator | None): Random generator of the ball clustering; None uses one
             seeded with 0.
         progress (Callable[[int], None] | None): Called with the number of rows selected so far, every
             ``PROGRESS_EVERY`` selections and once at the end.
+        agreement (Agreement | None): How shards agree on each pick; None for one process holding every row.
+        on_pick (Callable[[torch.Tensor], None] | None): Called with every selected row, this shard's or
+            another's, in order: how a shard collects the whole coreset. Defaults to ``None``.
 
     Returns:
-        torch.Tensor: The ``n_select`` selected row indices (int64), in the order they were chosen.
+        torch.Tensor: The selected row indices of this shard (int64), in the order they were chosen; with
+        one process, all ``n_select`` of them.
 
     Raises:
-        ValueError: If ``n_select`` is not in ``(0, N]``.
+        ValueError: If ``n_select`` is not in ``(0, N]``, or ``start`` is given with an ``agreement``.
 
     Example:
         The row farthest from the start is chosen next:
@@ -103,12 +166,20 @@ def greedy_k_center(
         >>> greedy_k_center(features, n_select=2, start=0)
         tensor([0, 2])
     """
-    n = features.shape[0]
+    agreement = agreement or OneShard()
+    n = int(agreement.total(torch.tensor([features.shape[0]]))[0])
     if not 0 < n_select <= n:
         msg = f"Cannot select {n_select} coreset points from {n} patch features: choose a coreset ratio in (0, 1]."
         raise ValueError(msg)
+    if start is not None and not isinstance(agreement, OneShard):
+        msg = "Shards cannot agree on a start index: pass start=None to start at the row farthest from the mean."
+        raise ValueError(msg)
     generator = generator or torch.Generator().manual_seed(0)
     features = features.contiguous() if features.is_floating_point() else features.float()
+    if start is None:
+        start, mine, centre = farthest_from_mean(features, agreement)
+    else:
+        mine, centre = True, features[start]
     index, valid = _balls(features, ball_size, generator)
     n_balls = len(index)
     points = features[index]  # balls x ball_size x D (padding repeats row 0, masked out below)
@@ -122,9 +193,9 @@ def greedy_k_center(
     # Squared distances to the nearest chosen centre; padding slots sit at -inf and never win.
     mind = torch.where(valid, math.inf, -math.inf).to(features.dtype)
     ball_max = torch.full((n_balls,), math.inf, dtype=features.dtype)
-    selected = torch.empty(n_select, dtype=torch.long)
-    selected[0] = start
-    centre = features[start]
+    selected = [start] if mine else []
+    if on_pick is not None:
+        on_pick(centre)
     tick, scanned = time.monotonic(), 0
     for step in range(1, n_select):
         to_centre = (centres - centre).norm(dim=1)
@@ -147,11 +218,14 @@ def greedy_k_center(
             ball_max[active] = mind[active].amax(1)
         ball = int(ball_max.argmax())
         slot = int(mind[ball].argmax())
-        chosen = index[ball, slot]
-        selected[step] = chosen
-        mind[ball, slot] = 0.0
-        ball_max[ball] = mind[ball].amax()
-        centre = features[chosen]
+        chosen = int(index[ball, slot])
+        mine, centre = agreement.pick(mind[ball, slot], features[chosen])
+        if mine:
+            selected.append(chosen)
+            mind[ball, slot] = 0.0
+            ball_max[ball] = mind[ball].amax()
+        if on_pick is not None:
+            on_pick(centre)
         if progress is not None and (step + 1) % PROGRESS_EVERY == 0:
             progress(step + 1)
         if time.monotonic() - tick > 10:
@@ -161,7 +235,7 @@ def greedy_k_center(
             tick = time.monotonic()
     if progress is not None:
         progress(n_select)
-    return selected
+    return torch.tensor(selected, dtype=torch.long)
 
 
 class FastKCenterGreedy:
@@ -189,12 +263,14 @@ class FastKCenterGreedy:
         [0, 1]
     """
 
-    def __init__(self, embedding: torch.Tensor, sampling_ratio: float) -> None:
+    def __init__(self, embedding: torch.Tensor, sampling_ratio: float, agreement: Agreement | None = None) -> None:
         self.embedding = embedding
-        self.coreset_size = int(embedding.shape[0] * sampling_ratio)
+        self.agreement = agreement or OneShard()
+        self.total_rows = int(self.agreement.total(torch.tensor([embedding.shape[0]]))[0])
+        self.coreset_size = int(self.total_rows * sampling_ratio)
         if self.coreset_size <= 0:
             msg = (
-                f"Coreset ratio {sampling_ratio} selects no point from {embedding.shape[0]} patch features: "
+                f"Coreset ratio {sampling_ratio} selects no point from {self.total_rows} patch features: "
                 "raise model.coreset_sampling_ratio or train on more images."
             )
             raise ValueError(msg)
@@ -202,35 +278,39 @@ class FastKCenterGreedy:
     def select_coreset_idxs(self, progress: Callable[[int], None] | None = None) -> list[int]:
         """Select the coreset's row indices by greedy k-center.
 
-        The start point is drawn from torch's global RNG, as anomalib does, and also seeds the ball
-        clustering, so ``torch.manual_seed`` fixes both.
+        The selection starts at the row farthest from the mean of all rows (anomalib draws a random
+        one): the bank is then the same set of rows whatever the order of the patches, which is what
+        lets a distributed fit, whose ranks hold the patches in another order, choose the same bank.
 
         Args:
             progress (Callable[[int], None] | None): Called now and then with the number of points
                 selected so far.
 
         Returns:
-            list[int]: The ``coreset_size`` selected row indices, in the order they were chosen.
+            list[int]: The selected row indices of this shard (with one process, all ``coreset_size``), in
+            the order they were chosen.
         """
-        start = int(torch.randint(high=self.embedding.shape[0], size=(1,)))
-        generator = torch.Generator().manual_seed(start)
-        return greedy_k_center(
-            self.embedding, self.coreset_size, start, generator=generator, progress=progress
-        ).tolist()
+        return greedy_k_center(self.embedding, self.coreset_size, progress=progress, agreement=self.agreement).tolist()
 
     def sample_coreset(self, progress: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Select the coreset and return its rows of the embedding.
+        """Select the coreset and return its rows: all of them, on every shard.
 
         Args:
             progress (Callable[[int], None] | None): Called now and then with the number of points
                 selected so far.
 
         Returns:
-            torch.Tensor: ``coreset_size x D`` rows of the embedding; every row, in order, when the ratio
+            torch.Tensor: ``coreset_size x D`` rows in the order chosen; every row, in order, when the ratio
             keeps them all (a greedy "selection" of every row would cost quadratic time for nothing).
         """
-        if self.coreset_size >= self.embedding.shape[0]:
+        if self.coreset_size >= self.total_rows:
             if progress is not None:
                 progress(self.coreset_size)
-            return self.embedding[: self.coreset_size]
-        return self.embedding[self.select_coreset_idxs(progress)]
+            return self.agreement.gather(self.embedding)[: self.coreset_size]
+        if isinstance(self.agreement, OneShard):
+            return self.embedding[self.select_coreset_idxs(progress)]
+        rows: list[torch.Tensor] = []
+        greedy_k_center(
+            self.embedding, self.coreset_size, progress=progress, agreement=self.agreement, on_pick=rows.append
+        )
+        return torch.stack(rows)

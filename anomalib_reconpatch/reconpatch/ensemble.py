@@ -36,6 +36,7 @@ from anomalib.models.components import AnomalibModule
 from anomalib.visualization import Visualizer
 from torch import nn
 
+from ..components.distributed import all_sum
 from ..components.progress import stop_if_terminated
 from .lightning_model import ReConPatch
 from .torch_model import ReConPatchModel
@@ -86,17 +87,21 @@ class TrainingStatistics:
     def mean_std(self) -> tuple[float, float]:
         """Return the mean and the (population) standard deviation, floored at float32's smallest normal.
 
+        In a distributed fit the sums of every rank count, so each rank gets the statistics of all
+        training images.
+
         Returns:
             tuple[float, float]: Mean and standard deviation of everything added.
 
         Raises:
             ValueError: If nothing was added.
         """
-        if self.count == 0:
+        count, total, squares = all_sum(torch.tensor([self.count, self.total, self.squares], dtype=torch.float64))
+        if count == 0:
             msg = "no training scores were recorded"
             raise ValueError(msg)
-        mean = self.total / self.count
-        variance = max(self.squares / self.count - mean * mean, 0.0)
+        mean = float(total / count)
+        variance = max(float(squares / count) - mean * mean, 0.0)
         return mean, max(variance**0.5, float(torch.finfo(torch.float32).tiny))
 
 
@@ -125,10 +130,12 @@ class EnsembleMember(ReConPatch):
             torch.Tensor: A dummy zero loss, as :meth:`ReConPatch.training_step`'s.
         """
         del args, kwargs
-        features = self.model.patch_features(batch.image)
-        self.grid = (int(features.shape[-2]), int(features.shape[-1]))
-        self.image_size = (int(batch.image.shape[-2]), int(batch.image.shape[-1]))
-        self.store_features(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
+        images = self.new_images(batch)
+        if len(images):
+            features = self.model.patch_features(images)
+            self.grid = (int(features.shape[-2]), int(features.shape[-1]))
+            self.image_size = (int(images.shape[-2]), int(images.shape[-1]))
+            self.store_features(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
         return torch.tensor(0.0, requires_grad=True, device=self.device)
 
     @torch.no_grad()

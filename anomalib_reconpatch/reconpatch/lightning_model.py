@@ -53,11 +53,29 @@ from anomalib.models.image.patchcore import Patchcore
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from timm.optim import AdamP
 from torch import nn
 
 from ..components.coreset import FastKCenterGreedy
+from ..components.distributed import (
+    all_sum,
+    average_gradients,
+    broadcast_parameters,
+    coreset_agreement,
+    first_sightings,
+    shard_datamodule,
+    world,
+)
+from ..components.failures import (
+    CHECKPOINT_READ_ERRORS,
+    ExplainFailures,
+    checkpoint_message,
+    checkpoint_problem,
+    warn_skipped_links,
+)
+from ..components.metrics import SyncSafePostProcessor, default_evaluator
 from ..components.preflight import preflight
 from ..components.progress import fit_progress, stop_if_terminated
 from ..components.resize import ExactExportPreProcessor
@@ -296,6 +314,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         self.spilled_rows = 0
         self.fit_timings: dict[str, float] = {}
         self._epoch_start = 0.0
+        self._seen_paths: set[str] = set()
 
     @classmethod
     def configure_pre_processor(
@@ -318,6 +337,50 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
             PreProcessor: PatchCore's pre-processor, exported with an exact resize.
         """
         return ExactExportPreProcessor(Patchcore.configure_pre_processor(image_size, center_crop_size).transform)
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Configure anomalib's default test metrics, with an AUROC that is NaN, with the reason, when undefined.
+
+        On a test set with one class only (no defective image, or no defective pixel) anomalib's AUROC
+        prints 0.0; there is no such area, so this one says what the test set lacks.
+
+        Returns:
+            Evaluator: Image and pixel AUROC and F1, named as anomalib names them.
+        """
+        return default_evaluator()
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Add :class:`ExplainFailures` to anomalib's component callbacks.
+
+        It names the files behind failures that happen before the model's own checks: broken links and
+        unpaired masks in the data folders, and empty or truncated checkpoints.
+
+        Returns:
+            list[Callback]: The callbacks Lightning attaches for this model.
+        """
+        callbacks = super().configure_callbacks()
+        return [*(callbacks if isinstance(callbacks, Sequence) else [callbacks]), ExplainFailures()]
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any) -> ReConPatch:
+        """Load a checkpoint as Lightning does; an empty or truncated file also gets a note naming it.
+
+        Args:
+            checkpoint_path (str | Path): The checkpoint file.
+            *args: Passed to Lightning's ``load_from_checkpoint``.
+            **kwargs: Passed to Lightning's ``load_from_checkpoint``.
+
+        Returns:
+            ReConPatch: The loaded model.
+        """
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except CHECKPOINT_READ_ERRORS as error:
+            reason = checkpoint_problem(Path(checkpoint_path)) if isinstance(checkpoint_path, str | Path) else None
+            if reason is not None:
+                error.add_note(checkpoint_message(Path(checkpoint_path), reason))
+            raise
 
     @staticmethod
     def configure_optimizers() -> None:
@@ -351,6 +414,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         Also removes spill files that killed runs left in ``TMPDIR`` (:func:`remove_orphaned_spills`).
         """
         remove_orphaned_spills()
+        self._seen_paths.clear()
         self.feature_store.clear()
         if self.feature_spill is not None:
             self.feature_spill.close()
@@ -376,8 +440,25 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         """
         del args, kwargs
         stop_if_terminated(self._trainer)  # Lightning alone would finish the epoch and the fit first
-        self.store_features(self.model(batch.image))
+        images = self.new_images(batch)
+        if len(images):
+            self.store_features(self.model(images))
         return torch.tensor(0.0, requires_grad=True, device=self.device)
+
+    def new_images(self, batch: Batch) -> torch.Tensor:
+        """The batch's images that this fit has not seen yet, so that no image counts twice.
+
+        Under DDP a rank's part repeats a few images to run as many batches as the others
+        (``components.distributed.Shard``).
+
+        Args:
+            batch (Batch): Training batch.
+
+        Returns:
+            torch.Tensor: The images, without those seen before in this epoch.
+        """
+        keep = first_sightings(getattr(batch, "image_path", None), self._seen_paths)
+        return batch.image if keep is None else batch.image[torch.tensor(keep, device=batch.image.device)]
 
     def store_features(self, rows: torch.Tensor) -> None:
         """Keep a batch's flat patch features for ``fit``: in memory, or in the spill file past ``feature_memory_mb``.
@@ -443,7 +524,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         finally:
             if spill is not None:
                 spill.close()
-        sampler = FastKCenterGreedy(embedded, self.coreset_sampling_ratio)
+        sampler = FastKCenterGreedy(embedded, self.coreset_sampling_ratio, agreement=coreset_agreement())
         with fit_progress(self._trainer, "ReConPatch coreset", sampler.coreset_size) as update:
             self.model.memory_bank = sampler.sample_coreset(progress=update)
         self.on_memory_bank(embedded)
@@ -494,12 +575,15 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
             raise ValueError(msg)
         online_f = self.model.representation
         online_g = nn.Linear(online_f.out_features, self.projection_dim).to(self.device)
+        parameters = [*online_f.parameters(), *online_g.parameters()]
+        broadcast_parameters(parameters)  # every rank starts from rank 0's g (and f)
         target_f, target_g = (
             copy.deepcopy(online_f).requires_grad_(False),
             copy.deepcopy(online_g).requires_grad_(False),
         )
-        steps = representation_steps(n, self.patches_per_step, self.num_steps)
-        parameters = [*online_f.parameters(), *online_g.parameters()]
+        ranks = world()[1]
+        total = int(all_sum(torch.tensor([n]))[0])
+        steps = representation_steps(total, self.patches_per_step * ranks, self.num_steps)
         optimizer, scheduler = self.configure_representation_optimizer(parameters, steps)
         batch_size = min(self.patches_per_step, n)
         tick = time.perf_counter()
@@ -514,7 +598,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
                 with torch.no_grad():
                     weights = pseudo_labels(target_g(target_f(x)), self.k, self.alpha, self.sigma, self.sigma_unit)
                 loss = self.loss(online_g(online_f(x)), weights)
-                value = loss.item()
+                value = loss.item() if ranks == 1 else all_sum(loss.detach()).item() / ranks
                 if not math.isfinite(value):
                     msg = (
                         f"ReConPatch representation training diverged at step {step + 1}/{steps} "
@@ -525,6 +609,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
                     on_step(RepresentationStep(step, x, weights, value, online_f, online_g, target_f, target_g))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                average_gradients(parameters)
                 optimizer.step()
                 scheduler.step()
                 ema_update(target_f, online_f, self.momentum)
@@ -574,7 +659,10 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         super().setup(stage)
         scan = preflight(self, stage)
         if scan is not None and stage == "fit":
+            warn_skipped_links(self.trainer.datamodule)
             check_training_size(self, self.trainer.datamodule, scan)
+        if scan is not None:
+            shard_datamodule(self.trainer.datamodule)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the architecture apart from ``hyper_parameters``, which loading with overrides rewrites.
@@ -614,12 +702,17 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """Trainer settings, as PatchCore's: one pass over the images (the representation trains inside ``fit``).
+        """Trainer settings: one pass over the images (the representation trains inside ``fit``), any devices.
+
+        Unlike PatchCore, the devices are left to the user: with ``--trainer.devices N --trainer.strategy
+        ddp`` each process reads its own part of every split (``setup`` splits them, without the repeated
+        images of Lightning's sampler, so Lightning's sampler is off) and ``fit`` trains and selects the
+        bank together with the others (see ``docs/design/distributed.md``).
 
         Returns:
-            dict[str, Any]: No gradient clipping, one epoch, no sanity validation, one device.
+            dict[str, Any]: No gradient clipping, one epoch, no sanity validation, no distributed sampler.
         """
-        return {"gradient_clip_val": 0, "max_epochs": 1, "num_sanity_val_steps": 0, "devices": 1}
+        return {"gradient_clip_val": 0, "max_epochs": 1, "num_sanity_val_steps": 0, "use_distributed_sampler": False}
 
     @property
     def learning_type(self) -> LearningType:
@@ -634,10 +727,12 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
     def configure_post_processor() -> PostProcessor:
         """Configure anomalib's one-class post-processor (adaptive thresholds, min-max normalisation).
 
+        Its thresholds check the validation classes in a way that also holds after a distributed sync.
+
         Returns:
-            PostProcessor: anomalib's default post-processor.
+            PostProcessor: anomalib's default post-processor, with sync-safe thresholds.
         """
-        return PostProcessor()
+        return SyncSafePostProcessor()
 
     def to_onnx(
         self,

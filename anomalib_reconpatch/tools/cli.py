@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .errors import BAD_INPUT_ERRORS
+from .errors import BAD_INPUT_ERRORS, error_text
 
 
 def _weights(args: argparse.Namespace) -> int:
@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except BAD_INPUT_ERRORS as error:
-        print(f"reconpatch {args.command}: error: {error}", file=sys.stderr)
+        print(f"reconpatch {args.command}: error: {error_text(error)}", file=sys.stderr)
         return 2
 
 

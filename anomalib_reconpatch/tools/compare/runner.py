@@ -18,7 +18,7 @@ from urllib.error import URLError
 
 import torch
 
-from ..errors import BAD_INPUT_ERRORS
+from ..errors import BAD_INPUT_ERRORS, error_text
 from ..memory import fix_mmap_threshold, peak_rss
 from .callbacks import PhaseTimer, TestRecorder
 from .data import build_datamodule, download_failure
@@ -48,6 +48,8 @@ def run_one(
     from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
 
+    from ...components.failures import ExplainFailures
+
     seed_everything(seed, workers=True)
     datamodule = build_datamodule(data_config, seed)
     model = build_model(name, settings)
@@ -55,7 +57,7 @@ def run_one(
     engine = Engine(
         default_root_dir=settings.out / "runs" / name / f"seed{seed}",
         logger=False,
-        callbacks=[timer, recorder],
+        callbacks=[timer, recorder, ExplainFailures()],
         enable_progress_bar=False,
     )
     with peak_rss() as memory:
@@ -186,7 +188,7 @@ def run_child(job: Path, result: Path) -> None:
         run = run_one(spec["name"], settings, spec["seed"], spec["data_config"], partial(print, flush=True))
     except tuple(USER_ERRORS.values()) as error:
         kind = next(name for name, error_type in USER_ERRORS.items() if isinstance(error, error_type))
-        run = {"error": kind, "message": str(error)}
+        run = {"error": kind, "message": error_text(error)}
     except URLError as error:
         run = {"error": "FileNotFoundError", "message": download_failure(error, spec["data_config"], settings.data)}
     torch.save(run, result)
