@@ -67,3 +67,16 @@ def test_a_ratio_that_keeps_every_row_returns_them_without_a_selection(monkeypat
     bank = FastKCenterGreedy(features, sampling_ratio=1.0).sample_coreset(progress=reported.append)
     assert torch.equal(bank, features)
     assert reported == [400]
+
+
+def test_selection_is_the_same_on_one_thread_as_on_all() -> None:
+    features = clustered_points(20000, 32, seed=6).float()
+    everywhere = greedy_k_center(features, 400, ball_size=64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = greedy_k_center(features, 400, ball_size=64)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(single, everywhere)
+    assert torch.get_num_threads() == previous

@@ -21,22 +21,34 @@ def run(chooser: ThreadChooser, steps: range, seconds: dict[int, float]) -> list
 def test_a_quiet_machine_keeps_all_threads_after_probing_one() -> None:
     chooser = ThreadChooser(all_threads=2, probe=3, period=20)
     chosen = run(chooser, range(20), {2: 0.026, 1: 0.041})
-    assert chosen[:6] == [2, 2, 2, 1, 1, 1]
+    assert chosen[:6] == [1, 1, 1, 2, 2, 2]
     assert set(chosen[6:]) == {2}
 
 
-def test_a_busy_machine_moves_to_one_thread_and_back_when_the_load_goes() -> None:
+def test_a_busy_machine_moves_to_one_thread_after_one_slow_step_and_back_when_the_load_goes() -> None:
     chooser = ThreadChooser(all_threads=2, probe=3, period=20)
-    busy = run(chooser, range(20), {2: 0.9, 1: 0.12})
-    assert set(busy[6:]) == {1}
-    quiet = run(chooser, range(20, 40), {2: 0.026, 1: 0.041})
-    assert quiet[:6] == [2, 2, 2, 1, 1, 1]
+    busy = run(chooser, range(40), {2: 0.9, 1: 0.12})
+    assert busy[:4] == [1, 1, 1, 2]  # the all-thread probe ends after its first, slow step
+    assert set(busy[4:]) == {1}  # a clear win: the next window comes 40 steps after the first
+    quiet = run(chooser, range(40, 80), {2: 0.026, 1: 0.041})
+    assert quiet[:6] == [1, 1, 1, 2, 2, 2]
     assert set(quiet[6:]) == {2}
+
+
+def test_probes_back_off_while_one_count_clearly_wins_and_return_on_a_close_call() -> None:
+    chooser = ThreadChooser(all_threads=2, probe=3, period=20, max_period=80)
+    gaps = []
+    for start in range(0, 400, 10):
+        run(chooser, range(start, start + 10), {2: 0.9, 1: 0.12})
+        gaps.append(chooser.gap)
+    assert sorted(set(gaps)) == [40, 80]
+    run(chooser, range(400, 600), {2: 0.030, 1: 0.033})  # within 1.5x: probed every 20 steps again
+    assert chooser.gap == 20
 
 
 def test_one_slow_probe_step_does_not_decide_alone() -> None:
     chooser = ThreadChooser(all_threads=2, probe=3, period=20)
-    for step, seconds in enumerate([0.5, 0.026, 0.027, 0.041, 0.040, 0.042]):  # a hiccup on the first step
+    for step, seconds in enumerate([0.5, 0.041, 0.040, 0.026, 0.027, 0.028]):  # a hiccup on the first step
         chooser.record(step, seconds)
     assert chooser.threads(6) == 2
 

@@ -22,6 +22,8 @@ from typing import Protocol
 
 import torch
 
+from .threads import ThreadChooser, torch_threads
+
 logger = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 64  # selections between progress reports: a report costs far less than 64 selections
@@ -197,42 +199,48 @@ def greedy_k_center(
     if on_pick is not None:
         on_pick(centre)
     tick, scanned = time.monotonic(), 0
-    for step in range(1, n_select):
-        to_centre = (centres - centre).norm(dim=1)
-        active = (to_centre - radius - slack < ball_max.clamp_min(0).sqrt()).nonzero().squeeze(1)
-        scanned += len(active)
-        centre_sq = centre @ centre
-        if len(active) > n_balls // 4:  # weak pruning (early steps, diffuse data): one contiguous matvec is cheaper
-            # over the unpadded rows (balls are a third padding on diffuse data), then gathered into ball layout
-            dist = torch.addmv(row_sq_norms + centre_sq, features, centre, alpha=-2.0).clamp_min_(0.0)
-            torch.minimum(mind, dist[index], out=mind)
-            ball_max = mind.amax(1)
-        else:
-            # Per point, ||x - c|| >= ||c - centre_b|| - ||x - centre_b||: only points whose bound is below
-            # their current distance can move, and only their D-dimensional rows are read.
-            lower = (to_centre[active, None] - point_radius[active] - slack).clamp_min_(0.0)
-            block = mind[active]
-            rows = (active[:, None] * ball_size + torch.arange(ball_size))[lower.square_() < block]
-            dist = (sq_norms[rows] + centre_sq - 2.0 * (flat[rows] @ centre)).clamp_min_(0.0)
-            mind.view(-1)[rows] = torch.minimum(mind.view(-1)[rows], dist)
-            ball_max[active] = mind[active].amax(1)
-        ball = int(ball_max.argmax())
-        slot = int(mind[ball].argmax())
-        chosen = int(index[ball, slot])
-        mine, centre = agreement.pick(mind[ball, slot], features[chosen])
-        if mine:
-            selected.append(chosen)
-            mind[ball, slot] = 0.0
-            ball_max[ball] = mind[ball].amax()
-        if on_pick is not None:
-            on_pick(centre)
-        if progress is not None and (step + 1) % PROGRESS_EVERY == 0:
-            progress(step + 1)
-        if time.monotonic() - tick > 10:
-            logger.info(
-                "coreset: %d/%d selected, %.1f of %d balls scanned per step", step, n_select, scanned / step, n_balls
-            )
-            tick = time.monotonic()
+    chooser = ThreadChooser(torch.get_num_threads())  # one thread when a busy CPU makes barriers costly
+    with torch_threads():
+        for step in range(1, n_select):
+            threads = chooser.threads(step)
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+            step_start = time.perf_counter()
+            to_centre = (centres - centre).norm(dim=1)
+            active = (to_centre - radius - slack < ball_max.clamp_min(0).sqrt()).nonzero().squeeze(1)
+            scanned += len(active)
+            centre_sq = centre @ centre
+            if len(active) > n_balls // 4:  # weak pruning (early steps, diffuse data): one contiguous matvec is cheaper
+                # over the unpadded rows (balls are a third padding on diffuse data), then gathered into ball layout
+                dist = torch.addmv(row_sq_norms + centre_sq, features, centre, alpha=-2.0).clamp_min_(0.0)
+                torch.minimum(mind, dist[index], out=mind)
+                ball_max = mind.amax(1)
+            else:
+                # Per point, ||x - c|| >= ||c - centre_b|| - ||x - centre_b||: only points whose bound is below
+                # their current distance can move, and only their D-dimensional rows are read.
+                lower = (to_centre[active, None] - point_radius[active] - slack).clamp_min_(0.0)
+                block = mind[active]
+                rows = (active[:, None] * ball_size + torch.arange(ball_size))[lower.square_() < block]
+                dist = (sq_norms[rows] + centre_sq - 2.0 * (flat[rows] @ centre)).clamp_min_(0.0)
+                mind.view(-1)[rows] = torch.minimum(mind.view(-1)[rows], dist)
+                ball_max[active] = mind[active].amax(1)
+            ball = int(ball_max.argmax())
+            slot = int(mind[ball].argmax())
+            chosen = int(index[ball, slot])
+            mine, centre = agreement.pick(mind[ball, slot], features[chosen])
+            if mine:
+                selected.append(chosen)
+                mind[ball, slot] = 0.0
+                ball_max[ball] = mind[ball].amax()
+            if on_pick is not None:
+                on_pick(centre)
+            chooser.record(step, time.perf_counter() - step_start)
+            if progress is not None and (step + 1) % PROGRESS_EVERY == 0:
+                progress(step + 1)
+            if time.monotonic() - tick > 10:
+                message = "coreset: %d/%d selected, %.1f of %d balls scanned per step"
+                logger.info(message, step, n_select, scanned / step, n_balls)
+                tick = time.monotonic()
     if progress is not None:
         progress(n_select)
     return torch.tensor(selected, dtype=torch.long)

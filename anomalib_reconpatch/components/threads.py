@@ -4,18 +4,18 @@ Representation training runs thousands of steps of products of a few hundred row
 columns. On a quiet 2-core machine two threads make a step about 1.7 times faster than one. On a
 busy machine they make it far slower: every operation ends at a barrier where one thread waits for
 the other, which the scheduler has given to another process, so the phase slowed 28.6x beside four
-busy processes, where PatchCore's coreset loop slowed 4x.
+busy processes, where PatchCore's coreset loop slowed 4x. The greedy k-center's steps are alike.
+
 :class:`ThreadChooser` measures both counts as the steps run and keeps the faster, so the choice
 follows the load as it changes. The measurements are in ``docs/design/busy-cpu.md``.
 
 Example:
     >>> chooser = ThreadChooser(all_threads=2, probe=2, period=10)
-    >>> [chooser.threads(step) for step in range(4)]
-    [2, 2, 1, 1]
-    >>> for step, seconds in enumerate([0.9, 0.8, 0.1, 0.2]):
+    >>> for step, seconds in enumerate([0.1, 0.2, 0.9]):  # two steps on one thread, then one on two
+    ...     assert chooser.threads(step) == (1 if step < 2 else 2)
     ...     chooser.record(step, seconds)
-    >>> chooser.threads(4)
-    1
+    >>> chooser.threads(3), chooser.gap  # two threads took 6 times as long: chosen at once, probed later
+    (1, 20)
 """
 
 from __future__ import annotations
@@ -26,29 +26,44 @@ from statistics import median
 
 import torch
 
+ABANDON = 3.0
+"""A probe step on all threads that takes this many times the one-thread median ends the probe at once:
+on a busy CPU one such step costs as much as dozens of one-thread steps."""
+
+BACK_OFF = 1.5
+"""When one count beats the other by more than this factor, the next probe comes twice as late."""
+
 
 class ThreadChooser:
-    """Chooses, for each training step, between all threads and one thread by timing both.
+    """Chooses, for each step, between all threads and one thread by timing both.
 
-    Each period of ``period`` steps starts with ``probe`` steps on all threads and ``probe`` steps on
-    one; the rest of the period runs on whichever had the lower median step time. With one thread in
-    all there is nothing to choose.
+    A probe window runs ``probe`` steps on one thread, then ``probe`` steps on all threads, and the rest
+    of the period on whichever had the lower median step time. Probing all threads on a busy CPU is what
+    costs: the all-thread probe stops after its first step if that step takes ``ABANDON`` times the
+    one-thread median, and while one count clearly wins (by ``BACK_OFF``) the period doubles, up to
+    ``max_period``; a close call brings it back to ``period``. With one thread in all there is nothing
+    to choose.
 
     Args:
         all_threads (int): The thread count torch would use (``torch.get_num_threads()``).
-        probe (int): Steps timed with each count at the start of a period. Defaults to ``3``.
-        period (int): Steps between two choices. Defaults to ``100``.
+        probe (int): Steps timed with each count at the start of a window. Defaults to ``3``.
+        period (int): Steps between two windows while the counts are close. Defaults to ``100``.
+        max_period (int): The longest period. Defaults to ``1600``.
     """
 
-    def __init__(self, all_threads: int, probe: int = 3, period: int = 100) -> None:
+    def __init__(self, all_threads: int, probe: int = 3, period: int = 100, max_period: int = 1600) -> None:
         self.all_threads = all_threads
         self.probe = probe
         self.period = max(period, 2 * probe + 1)
-        self.times: dict[int, list[float]] = {all_threads: [], 1: []}
+        self.max_period = max(max_period, self.period)
+        self.gap = self.period
+        self.window = 0
+        self.probing = True
+        self.times: dict[int, list[float]] = {1: [], all_threads: []}
         self.chosen = all_threads
 
     def threads(self, step: int) -> int:
-        """The thread count for ``step``.
+        """The thread count for ``step``; steps must come in increasing order.
 
         Args:
             step (int): The step's index, from 0.
@@ -56,30 +71,40 @@ class ThreadChooser:
         Returns:
             int: ``all_threads`` or 1.
         """
-        position = step % self.period
         if self.all_threads <= 1:
             return 1
-        if position < self.probe:
-            return self.all_threads
-        if position < 2 * self.probe:
+        if step >= self.window + self.gap:
+            self.window, self.probing = step, True
+        offset = step - self.window
+        if self.probing and offset < self.probe:
             return 1
+        if self.probing and offset < 2 * self.probe:
+            return self.all_threads
         return self.chosen
 
     def record(self, step: int, seconds: float) -> None:
-        """Note how long ``step`` took; after a period's probes, choose the faster count.
+        """Note how long ``step`` took; once the window's probes are done, choose the faster count.
 
         Args:
             step (int): The step's index, as given to :meth:`threads`.
             seconds (float): Its wall-clock duration.
         """
-        position = step % self.period
-        if self.all_threads <= 1 or position >= 2 * self.probe:
+        if self.all_threads <= 1 or not self.probing:
             return
-        self.times[self.threads(step)].append(seconds)
-        if position == 2 * self.probe - 1:
-            many, one = median(self.times[self.all_threads]), median(self.times[1])
-            self.chosen = 1 if one < many else self.all_threads
-            self.times = {self.all_threads: [], 1: []}
+        offset = step - self.window
+        if offset < self.probe:
+            self.times[1].append(seconds)
+            return
+        self.times[self.all_threads].append(seconds)
+        one = median(self.times[1])
+        if seconds < ABANDON * one and offset < 2 * self.probe - 1:
+            return
+        many = median(self.times[self.all_threads])
+        self.chosen = 1 if one < many else self.all_threads
+        clear = max(one, many) > BACK_OFF * min(one, many)
+        self.gap = min(2 * self.gap, self.max_period) if clear else self.period
+        self.probing = False
+        self.times = {1: [], self.all_threads: []}
 
 
 @contextmanager
