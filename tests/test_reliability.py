@@ -190,12 +190,17 @@ def test_training_killed_mid_representation_reruns_to_the_same_result_and_remove
         ("phase features", signal.SIGTERM, 143),
         ("phase representation", signal.SIGTERM, 143),
         ("phase coreset", signal.SIGTERM, 143),
+        ("phase features", signal.SIGINT, 1),
         ("phase representation", signal.SIGINT, 1),
+        ("phase coreset", signal.SIGINT, 1),
+        ("phase features", signal.SIGKILL, -signal.SIGKILL),  # before the first batch's features are stored
+        ("phase coreset", signal.SIGKILL, -signal.SIGKILL),  # after fit has closed the spill
     ],
 )
 def test_a_signal_in_any_phase_stops_training_at_once_without_a_checkpoint_or_temporary_files(
     lite_weights: None, demo_root: Path, tmp_path: Path, phase: str, signal_number: int, returncode: int
 ) -> None:
+    """SIGKILL runs no clean-up; in these two phases no spill file exists (mid-training: the test above)."""
     before = snapshot(demo_root)
     results, tmp = tmp_path / "results", tmp_path / "tmp"
     run = run_training(demo_root, results, tmp_path / "out.pt", tmp, (phase, signal_number))
