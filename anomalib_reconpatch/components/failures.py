@@ -68,6 +68,28 @@ def data_folders(datamodule: Any) -> list[Path]:
     return list(dict.fromkeys(folder for folder in [base, *named] if folder.is_dir()))
 
 
+def links_under(folders: Iterable[Path]) -> list[str]:
+    """Every link to a file (or to nothing) under ``folders``, sorted, each once; links to folders are not followed.
+
+    Args:
+        folders (Iterable[Path]): Folders to walk.
+
+    Returns:
+        list[str]: The links' paths.
+    """
+    found = set()
+    for folder in folders:
+        for dirpath, _, names in os.walk(folder):
+            found.update(path for name in names if os.path.islink(path := os.path.join(dirpath, name)))
+    return sorted(found)
+
+
+def link_reason(path: str) -> str:
+    """Where a link points and, when it points at nothing, that it does."""
+    state = "which does not exist" if not os.path.exists(path) else "outside the data folder"
+    return f"a link to {os.readlink(path)}, {state}"
+
+
 def broken_links(folders: Iterable[Path]) -> list[tuple[str, str]]:
     """Every file under ``folders`` that is a link to nothing, with the target it points to.
 
@@ -77,14 +99,7 @@ def broken_links(folders: Iterable[Path]) -> list[tuple[str, str]]:
     Returns:
         list[tuple[str, str]]: ``(path, reason)`` pairs, sorted by path.
     """
-    found = set()
-    for folder in folders:
-        for dirpath, _, names in os.walk(folder):
-            for name in names:
-                path = os.path.join(dirpath, name)
-                if os.path.islink(path) and not os.path.exists(path):
-                    found.add((path, f"a link to {os.readlink(path)}, which does not exist"))
-    return sorted(found)
+    return [(path, link_reason(path)) for path in links_under(folders) if not os.path.exists(path)]
 
 
 def link_key(path: str | Path) -> str:
@@ -107,16 +122,11 @@ def skipped_links(datamodule: Any, read: Iterable[str | Path]) -> list[tuple[str
         list[tuple[str, str]]: ``(path, reason)`` pairs, sorted by path.
     """
     held = {link_key(path) for path in read}
-    found = set()
-    for folder in data_folders(datamodule):
-        for dirpath, _, names in os.walk(folder):
-            for name in names:
-                path = os.path.join(dirpath, name)
-                if os.path.islink(path) and Path(name).suffix.lower() in IMAGE_SUFFIXES and link_key(path) not in held:
-                    target = os.readlink(path)
-                    state = "which does not exist" if not os.path.exists(path) else "outside the data folder"
-                    found.add((path, f"a link to {target}, {state}"))
-    return sorted(found)
+    return [
+        (path, link_reason(path))
+        for path in links_under(data_folders(datamodule))
+        if Path(path).suffix.lower() in IMAGE_SUFFIXES and link_key(path) not in held
+    ]
 
 
 def warn_skipped_links(datamodule: Any) -> None:
