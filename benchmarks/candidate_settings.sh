@@ -7,3 +7,6 @@ CANDIDATES=(--setting batch_sampling=neighbors --setting sigma_unit=normalized
 # Recipe: the paper reimplementations' AdamP, alone and with learning rate 1e-5 for 4,000 steps (their
 # 120 epochs over all patches would take hours per run on 2 cores).
 RECIPE=(--setting optimizer=adamp --setting optimizer=adamp,learning_rate=1e-5,num_steps=4000)
+# Length: the same distance for f at other rates. AdamP's steps have a nearly fixed size, so the learning rate
+# times the passes over the training patches says how far f moves; the defaults make 2.4 passes at 4e-5.
+LENGTH=(--setting learning_rate=1e-5,passes=9.6 --setting learning_rate=1e-4,passes=0.96)

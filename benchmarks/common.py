@@ -32,16 +32,25 @@ def load_data(args: argparse.Namespace, **model_args: object) -> tuple:
 
 @torch.no_grad()
 def cache(model: ReConPatch, loader: torch.utils.data.DataLoader, test: bool) -> dict:
-    """Raw patch features of a whole split, plus labels and image-size masks for a test split."""
+    """Raw patch features of a whole split, plus labels and image-size masks for a test split.
+
+    anomalib's training loader shuffles with torch's global generator, and the rows' order decides which
+    patches each seed's training batches and coreset start draw: the loop runs under a generator seeded
+    with 0, so every process caches the same rows in the same order and a table's rows can be rerun.
+    """
     transform = model.pre_processor.transform
     out: dict[str, list] = {"features": [], "labels": [], "masks": []}
-    for batch in loader:
-        images = transform(batch.image)
-        out["features"].append(model.model.patch_features(images))
-        if test:
-            out["labels"].append(batch.gt_label)
-            masks = batch.gt_mask.float().reshape(len(images), 1, *batch.gt_mask.shape[-2:])
-            out["masks"].append(torch.nn.functional.interpolate(masks, size=images.shape[-2:], mode="nearest")[:, 0])
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for batch in loader:
+            images = transform(batch.image)
+            out["features"].append(model.model.patch_features(images))
+            if test:
+                out["labels"].append(batch.gt_label)
+                masks = batch.gt_mask.float().reshape(len(images), 1, *batch.gt_mask.shape[-2:])
+                out["masks"].append(
+                    torch.nn.functional.interpolate(masks, size=images.shape[-2:], mode="nearest")[:, 0]
+                )
     return {k: torch.cat(v) for k, v in out.items() if v}
 
 

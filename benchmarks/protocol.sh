@@ -28,6 +28,6 @@ for name in $RUNS; do
       --models ReConPatch Patchcore ReConPatchEnsemble --seed $SEEDS --out "$out/compare"
     # shellcheck disable=SC2086
     "$BIN/python" benchmarks/sweep.py --data "configs/data/$data.yaml" --image-size "${size[@]}" \
-      --coreset-ratio "$ratio" --seeds $SEEDS --out "$out/candidates.md" "${BASELINES[@]}" "${CANDIDATES[@]}" "${RECIPE[@]}"
+      --coreset-ratio "$ratio" --seeds $SEEDS --out "$out/candidates.md" "${BASELINES[@]}" "${CANDIDATES[@]}" "${RECIPE[@]}" "${LENGTH[@]}"
   done
 done

@@ -10,7 +10,8 @@ published numbers come from ``reconpatch compare``; this script only finds where
 A ``seed=N`` item (default 0) seeds that setting's run, to see the spread over seeds; ``--seeds 0 1 2``
 runs every setting once per seed and ends with a table of mean ± sd over the seeds, which ``--out``
 also writes as Markdown (with the command that made it); a
-``coreset=SPACE`` item chooses where the bank is selected (``select_bank``); ``num_steps=0,scale_top=X``
+``coreset=SPACE`` item chooses where the bank is selected (``select_bank``); ``passes=X`` trains for X passes
+over the training patches (``num_steps`` from the data, as the default length does); ``num_steps=0,scale_top=X``
 scales the 10 strongest principal directions by X instead of training; ``init=default`` starts ``f`` from
 PyTorch's default (random) initialisation instead of the identity. Each line
 ends with the range of the trained ``f``'s singular values (1-1 is the untrained identity) and its
@@ -20,6 +21,7 @@ gain along the training features' strongest and weakest principal directions.
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 import time
@@ -165,7 +167,10 @@ def run_setting(
     coreset_space = setting.pop("coreset", "features")
     top_factor = setting.pop("scale_top", None)
     random_init = setting.pop("init", "identity") == "default"
+    passes = setting.pop("passes", None)
     model = ReConPatch(backbone=args.backbone, layers=args.layers, coreset_sampling_ratio=args.coreset_ratio, **setting)
+    if passes is not None:
+        model.num_steps = math.ceil(passes * len(train_flat) / model.patches_per_step)
     model.model.feature_extractor = base.model.feature_extractor
     if random_init:
         model.model.representation.reset_parameters()

@@ -235,10 +235,10 @@ def test_the_step_hook_sees_every_step_and_leaves_the_training_unchanged() -> No
 def test_training_length_follows_the_data_unless_num_steps_is_given() -> None:
     from anomalib_reconpatch.reconpatch.lightning_model import MAX_REPRESENTATION_STEPS, representation_steps
 
-    # 9.6 passes of 512-patch steps: bottle's 209 images (1,024 patches each) get the measured 4,000 or so
-    assert representation_steps(209 * 1024, 512, None) == 4013
-    assert representation_steps(60 * 1024, 512, None) == 1152
-    assert representation_steps(5 * 1024, 512, None) == 96
+    # 2.4 passes of 512-patch steps: bottle's 209 images (1,024 patches each) get the measured 1,004
+    assert representation_steps(209 * 1024, 512, None) == 1004
+    assert representation_steps(60 * 1024, 512, None) == 288
+    assert representation_steps(5 * 1024, 512, None) == 24
     assert representation_steps(10, 512, None) == 1
     assert representation_steps(10**9, 512, None) == MAX_REPRESENTATION_STEPS
     assert representation_steps(60 * 1024, 512, 1000) == 1000
@@ -252,7 +252,7 @@ def test_default_training_runs_as_many_steps_as_the_data_asks() -> None:
     torch.manual_seed(1)
     with torch.enable_grad():
         model.train_representation(features, on_step=seen.append)
-    assert len(seen) == math.ceil(9.6 * 500 / 48) == 100
+    assert len(seen) == math.ceil(2.4 * 500 / 48) == 25
 
 
 def test_neighbour_batches_with_normalized_sigma_train_f_on_distinct_rows() -> None:

@@ -265,7 +265,7 @@ class ReConPatchEnsemble(ReConPatch, AnomalibModule):
         num_steps (int | None): As ReConPatch's, per member; 0 gives the untrained ensemble, None follows
             the data. Defaults to ``None``.
         patches_per_step (int): As ReConPatch's. Defaults to ``512``.
-        learning_rate (float): As ReConPatch's. Defaults to ``1e-5``.
+        learning_rate (float): As ReConPatch's. Defaults to ``4e-5``.
         weight_decay (float): As ReConPatch's. Defaults to ``1e-2``.
         k (int): As ReConPatch's. Defaults to ``5``.
         alpha (float): As ReConPatch's. Defaults to ``0.5``.
@@ -298,7 +298,7 @@ class ReConPatchEnsemble(ReConPatch, AnomalibModule):
         projection_dim: int = 128,
         num_steps: int | None = None,
         patches_per_step: int = 512,
-        learning_rate: float = 1e-5,
+        learning_rate: float = 4e-5,
         weight_decay: float = 1e-2,
         k: int = 5,
         alpha: float = 0.5,
