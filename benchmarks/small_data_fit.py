@@ -63,10 +63,10 @@ def main() -> None:
     parser.add_argument("--num-train", type=int, default=5)
     parser.add_argument("--num-test", type=int, default=5, help="good and defective test images, each")
     parser.add_argument("--side", type=int, default=64)
-    parser.add_argument("--coreset-ratio", type=float, default=0.01)
+    parser.add_argument("--coreset-ratio", type=float, default=0.1, help="the models' default")
     parser.add_argument("--out", type=Path, help="also write the table here (Markdown)")
     args = parser.parse_args()
-    config = write_data(args.root, args.num_train, args.num_test, args.side, seed=0)
+    config = write_data(args.root / "data", args.num_train, args.num_test, args.side, seed=0)
     report_dir = args.root / "compare"
     command = [
         str(Path(sys.executable).with_name("reconpatch")),

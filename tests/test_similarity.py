@@ -120,3 +120,30 @@ def test_normalized_sigma_is_absolute_on_unit_length_projections() -> None:
     )
     with pytest.raises(ValueError, match="sigma_unit"):
         pseudo_labels(z, k=3, alpha=0.5, sigma=0.5, sigma_unit="pixels")
+
+
+def matrix_contextual(sq: torch.Tensor, k: int) -> torch.Tensor:
+    """The matrix form of the definition: indicator products instead of index lists."""
+    neighbours = knn_indicator(sq, k)
+    w_tilde = (neighbours @ neighbours.T) / neighbours.sum(dim=1, keepdim=True) * neighbours
+    half = knn_indicator(sq, max(1, k // 2))
+    reciprocal = half * half.T
+    w_hat = (reciprocal @ w_tilde) / reciprocal.sum(dim=1, keepdim=True)
+    return 0.5 * (w_hat + w_hat.T)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 9])
+def test_contextual_from_index_lists_equals_the_matrix_form(k: int) -> None:
+    generator = torch.Generator().manual_seed(k)
+    sq = squared_distances(torch.randn(512, 16, generator=generator))  # no ties: one neighbourhood per point
+    fast, matrix = contextual_similarity(sq, k), matrix_contextual(sq, k)
+    if k // 2 <= 2:  # query expansion over at most two rows: the same sums, so the same bits (the default k is 5)
+        assert torch.equal(fast, matrix)
+    else:  # longer sums, added in another order
+        assert torch.allclose(fast, matrix, atol=1e-6)
+
+
+def test_contextual_with_k_above_the_batch_treats_every_point_as_a_neighbour() -> None:
+    sq = squared_distances(LINE)
+    assert torch.equal(contextual_similarity(sq, 10), matrix_contextual(sq, 10))
+    assert torch.equal(contextual_similarity(sq, 10), torch.ones(4, 4, dtype=torch.float64))

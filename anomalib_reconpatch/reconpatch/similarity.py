@@ -47,6 +47,23 @@ def squared_distances(z: torch.Tensor) -> torch.Tensor:
     return (0.5 * (sq + sq.T)).fill_diagonal_(0.0)
 
 
+def nearest_neighbours(sq_dist: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each point's ``k + 1`` nearest points, itself first: one ``topk`` for the bandwidth and both neighbourhoods.
+
+    Args:
+        sq_dist (torch.Tensor): ``N x N`` squared distances with 0 on the diagonal.
+        k (int): Neighbours besides the point itself; clamped to ``N - 1``.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: ``N x (k + 1)`` squared distances, ascending (the first
+        column is -1, the point itself), and the points' indices. Each point is ranked first among its
+        own neighbours, even among exact duplicates.
+    """
+    k = min(k, sq_dist.shape[0] - 1)
+    self_first = sq_dist.clone().fill_diagonal_(-1.0)
+    return self_first.topk(k + 1, dim=1, largest=False)
+
+
 def knn_bandwidth(sq_dist: torch.Tensor, k: int) -> torch.Tensor:
     """Mean squared distance from each point to its ``k``-th nearest other point.
 
@@ -63,9 +80,19 @@ def knn_bandwidth(sq_dist: torch.Tensor, k: int) -> torch.Tensor:
         torch.Tensor: Scalar bandwidth, clamped to the dtype's smallest positive value so that it
         can divide.
     """
-    k = min(k, sq_dist.shape[0] - 1)
-    kth = sq_dist.topk(k + 1, dim=1, largest=False).values[:, k]
-    return kth.mean().clamp_min(torch.finfo(sq_dist.dtype).tiny)
+    return bandwidth_of(nearest_neighbours(sq_dist, k)[0])
+
+
+def bandwidth_of(nearest_sq: torch.Tensor) -> torch.Tensor:
+    """:func:`knn_bandwidth` from the distances that :func:`nearest_neighbours` returns.
+
+    Args:
+        nearest_sq (torch.Tensor): ``N x (k + 1)`` ascending squared distances, the point itself first.
+
+    Returns:
+        torch.Tensor: The mean of the last column, clamped to the dtype's smallest positive value.
+    """
+    return nearest_sq[:, -1].mean().clamp_min(torch.finfo(nearest_sq.dtype).tiny)
 
 
 def pairwise_similarity(sq_dist: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
@@ -97,9 +124,7 @@ def knn_indicator(sq_dist: torch.Tensor, k: int) -> torch.Tensor:
     Returns:
         torch.Tensor: ``N x N`` matrix of 0s and 1s with ``k`` ones per row, in ``sq_dist``'s dtype.
     """
-    k = min(k, sq_dist.shape[0])
-    self_first = sq_dist.clone().fill_diagonal_(-1.0)  # i stays in N_k(i) even among exact duplicates
-    idx = self_first.topk(k, dim=1, largest=False).indices
+    idx = nearest_neighbours(sq_dist, k - 1)[1]
     return torch.zeros_like(sq_dist).scatter_(1, idx, 1.0)
 
 
@@ -130,12 +155,33 @@ def contextual_similarity(sq_dist: torch.Tensor, k: int) -> torch.Tensor:
                 [0., 0., 1., 1.],
                 [0., 0., 1., 1.]])
     """
-    neighbours = knn_indicator(sq_dist, k)
-    shared = neighbours @ neighbours.T
-    w_tilde = shared / neighbours.sum(dim=1, keepdim=True) * neighbours
-    half = knn_indicator(sq_dist, max(1, k // 2))
-    reciprocal = half * half.T
-    w_hat = (reciprocal @ w_tilde) / reciprocal.sum(dim=1, keepdim=True)
+    return contextual_from_neighbours(nearest_neighbours(sq_dist, k - 1)[1], sq_dist.dtype)
+
+
+def contextual_from_neighbours(neighbours: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`contextual_similarity` from each point's nearest-neighbour indices, itself first.
+
+    Works on the ``N x k`` index lists rather than ``N x N`` indicator matrices: the overlaps are
+    counted only for the ``k`` neighbours where ``w~`` can be non-zero, and the query expansion averages
+    at most ``k // 2`` rows, so the two ``N x N x N`` products of the matrix form (most of a training
+    step's time at 512 patches) become gathers.
+
+    Args:
+        neighbours (torch.Tensor): ``N x k`` indices of each point's nearest points, ascending by
+            distance, the point itself first (as :func:`nearest_neighbours` returns them).
+        dtype (torch.dtype): Of the result. Defaults to ``torch.float32``.
+
+    Returns:
+        torch.Tensor: ``N x N`` symmetric similarities in ``[0, 1]``.
+    """
+    n, k = neighbours.shape
+    of_neighbours = neighbours[neighbours]  # N x k x k: the neighbourhood of each neighbour
+    shared = (of_neighbours[:, :, :, None] == neighbours[:, None, None, :]).sum(dim=(2, 3))
+    w_tilde = torch.zeros(n, n, dtype=dtype, device=neighbours.device)
+    w_tilde.scatter_(1, neighbours, shared.to(dtype) / k)
+    half = neighbours[:, : max(1, k // 2)]
+    reciprocal = (half[half] == torch.arange(n, device=neighbours.device)[:, None, None]).any(dim=2).to(dtype)
+    w_hat = (w_tilde[half] * reciprocal[:, :, None]).sum(dim=1) / reciprocal.sum(dim=1, keepdim=True)
     return 0.5 * (w_hat + w_hat.T)
 
 
@@ -187,11 +233,9 @@ def pseudo_labels(z_target: torch.Tensor, k: int, alpha: float, sigma: float, si
         msg = f"sigma_unit must be one of {SIGMA_UNITS}, got {sigma_unit!r}"
         raise ValueError(msg)
     z = z_target.float()
-    if sigma_unit == "normalized":
-        sq_dist = squared_distances(torch.nn.functional.normalize(z, dim=1))
-        width = torch.tensor(sigma)
-    else:
-        sq_dist = squared_distances(z)
-        width = sigma * knn_bandwidth(sq_dist, k)
+    normalized = sigma_unit == "normalized"
+    sq_dist = squared_distances(torch.nn.functional.normalize(z, dim=1) if normalized else z)
+    nearest_sq, nearest = nearest_neighbours(sq_dist, k)
+    width = torch.tensor(sigma) if normalized else sigma * bandwidth_of(nearest_sq)
     pairwise = pairwise_similarity(sq_dist, width)
-    return alpha * pairwise + (1.0 - alpha) * contextual_similarity(sq_dist, k)
+    return alpha * pairwise + (1.0 - alpha) * contextual_from_neighbours(nearest[:, :k], sq_dist.dtype)
