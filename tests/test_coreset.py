@@ -6,7 +6,7 @@ import pytest
 import torch
 from anomalib.models.components import KCenterGreedy
 
-from anomalib_reconpatch.components.coreset import FastKCenterGreedy, greedy_k_center
+from anomalib_reconpatch.components.coreset import FastKCenterGreedy, ProjectedBound, greedy_k_center
 
 
 def brute_force_k_center(features: torch.Tensor, n_select: int, start: int) -> list[int]:
@@ -28,12 +28,26 @@ def clustered_points(n: int, dim: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("n", "dim", "n_select", "ball_size"), [(500, 4, 60, 16), (3000, 16, 300, 64), (2000, 32, 2000, 32)]
+    ("n", "dim", "n_select", "ball_size"),
+    [(500, 4, 60, 16), (3000, 16, 300, 64), (2000, 32, 2000, 32), (3000, 96, 300, 64), (2000, 160, 400, 32)],
 )
 def test_same_selection_as_brute_force(n: int, dim: int, n_select: int, ball_size: int) -> None:
     features = clustered_points(n, dim, seed=n)
     fast = greedy_k_center(features, n_select, start=7, ball_size=ball_size).tolist()
     assert fast == brute_force_k_center(features, n_select, start=7)
+
+
+@pytest.mark.parametrize("offset", [0.0, 300.0])
+def test_projected_bound_never_rules_out_a_row_at_its_exact_distance(offset: float) -> None:
+    # float32 far from the origin, with directions of very different spread: where rounding is worst
+    g = torch.Generator().manual_seed(2)
+    scales = torch.logspace(-3, 1, 120)
+    features = (clustered_points(4000, 120, seed=4).float() * scales + offset).contiguous()
+    bound = ProjectedBound(features, 32, g)
+    for centre in features[torch.randint(4000, (20,), generator=g)]:
+        exact = (features.double() - centre.double()).pow(2).sum(1).float()
+        assert len(bound.below(centre, exact)) == len(features)
+        assert len(bound.below(centre, exact * 0.0)) < len(features)  # and it does rule rows out
 
 
 def test_same_selection_as_anomalib_on_its_projection() -> None:

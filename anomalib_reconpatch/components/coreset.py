@@ -67,6 +67,65 @@ def _balls(features: torch.Tensor, ball_size: int, generator: torch.Generator) -
     return index, valid
 
 
+PROJECTED_DIMS = 32  # principal directions of the projected lower bound; measured in docs/design/coreset-pruning.md
+ROUNDING = 1e-4  # relative slack of the bound's terms, some 1,000 float32 roundings
+PCA_SAMPLE = 16384  # rows whose covariance gives the directions: any orthonormal basis keeps the bound exact
+
+
+class ProjectedBound:
+    """A cheap lower bound on distances: a projection on a few principal directions plus the residual's length.
+
+    With ``V`` orthonormal (``D x d``), ``y = (x - m) V`` and ``r = ||x - m - y V^T||``, Pythagoras gives
+    ``||x - c||^2 = ||y_x - y_c||^2 + ||res_x - res_c||^2 >= ||y_x - y_c||^2 + (r_x - r_c)^2``. Reading
+    ``d`` columns instead of ``D`` per row, a step of the full scan finds the few rows whose distance to
+    the new centre may be below their current one; only those rows are read in full. It holds for any
+    orthonormal ``V``: principal directions only make it tight, so a sample of rows is enough to find them.
+
+    Args:
+        features (torch.Tensor): ``N x D`` rows, ``D > 2 * dims``.
+        dims (int): ``d``, the number of directions.
+        generator (torch.Generator): Draws the sample of rows for the covariance.
+    """
+
+    def __init__(self, features: torch.Tensor, dims: int, generator: torch.Generator) -> None:
+        sample = features[torch.randperm(len(features), generator=generator)[:PCA_SAMPLE]].double()
+        self.mean = sample.mean(0)
+        centred = sample - self.mean
+        basis = torch.linalg.eigh(centred.T @ centred).eigenvectors[:, -dims:]
+        self.basis = basis.to(features.dtype)
+        projected, residual = [], []
+        for chunk in features.split(65536):
+            y, r = self.project(chunk)
+            projected.append(y)
+            residual.append(r)
+        self.projected = torch.cat(projected).contiguous()
+        self.residual = torch.cat(residual)
+        self.sq_norms = self.projected.pow(2).sum(1)
+        self.residual_slack = ROUNDING * torch.cat(
+            [(chunk - self.mean.to(chunk.dtype)).norm(dim=1) for chunk in features.split(65536)]
+        )
+
+    def project(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``y`` and ``r`` of some rows (or of one row)."""
+        centred = rows - self.mean.to(rows.dtype)
+        y = centred @ self.basis
+        return y, (centred - y @ self.basis.T).norm(dim=-1)
+
+    def below(self, centre: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+        """Indices of the rows whose lower bound to ``centre`` is not above ``bound`` (squared distances).
+
+        Each term is loosened by far more than float32 rounding can move it (``ROUNDING`` of the sizes
+        involved), so no row that the exact distance would update is missed.
+        """
+        y, r = self.project(centre)
+        y_sq = y @ y
+        lower = torch.addmv(self.sq_norms + y_sq, self.projected, y, alpha=-2.0)
+        lower.sub_(ROUNDING * (self.sq_norms + y_sq)).clamp_min_(0.0)
+        slack = self.residual_slack + ROUNDING * (centre - self.mean.to(centre.dtype)).norm()
+        lower.add_(((self.residual - r).abs_() - slack).clamp_min_(0.0).square_())
+        return (lower <= bound).nonzero().squeeze(1)
+
+
 class Agreement(Protocol):
     """How the processes that each hold a shard of the rows agree on a selection (see ``distributed``)."""
 
@@ -195,6 +254,10 @@ def greedy_k_center(
     # Squared distances to the nearest chosen centre; padding slots sit at -inf and never win.
     mind = torch.where(valid, math.inf, -math.inf).to(features.dtype)
     ball_max = torch.full((n_balls,), math.inf, dtype=features.dtype)
+    slot_of_row = torch.empty(features.shape[0], dtype=torch.long)
+    slot_of_row[index[valid]] = valid.reshape(-1).nonzero().squeeze(1)
+    bound = ProjectedBound(features, PROJECTED_DIMS, generator) if features.shape[1] > 2 * PROJECTED_DIMS else None
+    flat_mind = mind.view(-1)
     selected = [start] if mine else []
     if on_pick is not None:
         on_pick(centre)
@@ -210,7 +273,15 @@ def greedy_k_center(
             active = (to_centre - radius - slack < ball_max.clamp_min(0).sqrt()).nonzero().squeeze(1)
             scanned += len(active)
             centre_sq = centre @ centre
-            if len(active) > n_balls // 4:  # weak pruning (early steps, diffuse data): one contiguous matvec is cheaper
+            if len(active) > n_balls // 4 and bound is not None:
+                # weak pruning (early steps, few centres): the projected bound reads d of D columns of every
+                # row, and only the rows it cannot rule out in full
+                rows = bound.below(centre, flat_mind[slot_of_row])
+                slots = slot_of_row[rows]
+                dist = (row_sq_norms[rows] + centre_sq - 2.0 * (features[rows] @ centre)).clamp_min_(0.0)
+                flat_mind[slots] = torch.minimum(flat_mind[slots], dist)
+                ball_max = mind.amax(1)
+            elif len(active) > n_balls // 4:  # weak pruning and few columns: one contiguous matvec is cheaper
                 # over the unpadded rows (balls are a third padding on diffuse data), then gathered into ball layout
                 dist = torch.addmv(row_sq_norms + centre_sq, features, centre, alpha=-2.0).clamp_min_(0.0)
                 torch.minimum(mind, dist[index], out=mind)
