@@ -446,6 +446,24 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
             self.store_features(self.model(images))
         return torch.tensor(0.0, requires_grad=True, device=self.device)
 
+    def on_train_batch_end(self, outputs: STEP_OUTPUT, batch: Batch, batch_idx: int) -> None:
+        """Fit right after the last training batch, before Lightning starts the validation loader.
+
+        anomalib's memory-bank models fit in ``on_validation_start``, which runs after the validation
+        loader's workers have started decoding test images: on a small CPU they then compete with
+        representation training (MPDD metal_plate: 4.3 to 5.0 s of training instead of 3.1 to 3.2 s with
+        two workers). ``on_validation_start`` still fits when Lightning cannot tell the last batch.
+
+        Args:
+            outputs (STEP_OUTPUT): Unused.
+            batch (Batch): Unused.
+            batch_idx (int): Unused.
+        """
+        del outputs, batch, batch_idx
+        if self.trainer.is_last_batch and not self._is_fitted:
+            self.fit()
+            self._is_fitted = torch.tensor([True], device=self.device)
+
     def new_images(self, batch: Batch) -> torch.Tensor:
         """The batch's images that this fit has not seen yet, so that no image counts twice.
 
