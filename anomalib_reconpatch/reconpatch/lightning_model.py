@@ -450,9 +450,9 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         """Fit right after the last training batch, before Lightning starts the validation loader.
 
         anomalib's memory-bank models fit in ``on_validation_start``, which runs after the validation
-        loader's workers have started decoding test images: on a small CPU they then compete with
-        representation training (MPDD metal_plate: 4.3 to 5.0 s of training instead of 3.1 to 3.2 s with
-        two workers). ``on_validation_start`` still fits when Lightning cannot tell the last batch.
+        loader's workers have started decoding test images, which on a small CPU then compete with
+        representation training for the cores. ``on_validation_start`` still fits when Lightning cannot
+        tell the last batch.
 
         Args:
             outputs (STEP_OUTPUT): Unused.
