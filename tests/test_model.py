@@ -11,6 +11,7 @@ import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from anomalib_reconpatch import ReConPatch, ReConPatchModel
@@ -159,14 +160,31 @@ def trained(lite_weights: None, demo_root: Path, tmp_path_factory: pytest.TempPa
     torch.manual_seed(0)
     datamodule = MVTecAD(root=demo_root, category="brick", num_workers=0, train_batch_size=8, eval_batch_size=8)
     model = ReConPatch(backbone=BACKBONE, layers=LAYERS, num_steps=150, coreset_sampling_ratio=0.05)
-    engine = Engine(default_root_dir=tmp_path_factory.mktemp("results"), logger=False)
+    watch = ValidationStartWatch()
+    engine = Engine(default_root_dir=tmp_path_factory.mktemp("results"), logger=False, callbacks=[watch])
     engine.fit(model=model, datamodule=datamodule)
     metrics = engine.test(model=model, datamodule=datamodule)[0]
-    return model, engine, datamodule, metrics
+    return model, engine, datamodule, metrics, watch
+
+
+class ValidationStartWatch(Callback):
+    """Notes, each time validation starts, whether the model had already built its memory bank."""
+
+    def __init__(self) -> None:
+        self.fitted: list[bool] = []
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        del trainer
+        self.fitted.append(bool(pl_module._is_fitted) and pl_module.model.memory_bank.numel() > 0)
+
+
+def test_the_fit_is_done_before_validation_starts_its_loader(trained: tuple) -> None:
+    # callbacks' on_validation_start runs after Lightning has created the validation loader's iterator
+    assert trained[4].fitted == [True]
 
 
 def test_training_moves_f_and_builds_bank_in_f_space(trained: tuple) -> None:
-    model, _, _, metrics = trained
+    model, _, _, metrics, _ = trained
     f = model.model.representation
     assert not torch.allclose(f.weight, torch.eye(152), atol=1e-3)
     assert model.model.memory_bank.shape == (int(24 * 32 * 32 * 0.05), 152)
@@ -201,7 +219,7 @@ def test_eval_forward_any_batch_size(trained: tuple, demo_root: Path) -> None:
 
 
 def test_checkpoint_round_trip_gives_identical_scores(trained: tuple, tmp_path: Path) -> None:
-    model, engine, datamodule, _ = trained
+    model, engine, datamodule, _, _ = trained
     path = tmp_path / "reconpatch.ckpt"
     engine.trainer.save_checkpoint(path)
     reloaded = ReConPatch.load_from_checkpoint(path)
