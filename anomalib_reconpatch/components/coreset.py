@@ -93,23 +93,17 @@ class ProjectedBound:
         centred = sample - self.mean
         basis = torch.linalg.eigh(centred.T @ centred).eigenvectors[:, -dims:]
         self.basis = basis.to(features.dtype)
-        projected, residual = [], []
-        for chunk in features.split(65536):
-            y, r = self.project(chunk)
-            projected.append(y)
-            residual.append(r)
+        projected, residual, norms = zip(*(self.project(chunk) for chunk in features.split(65536)), strict=True)
         self.projected = torch.cat(projected).contiguous()
         self.residual = torch.cat(residual)
         self.sq_norms = self.projected.pow(2).sum(1)
-        self.residual_slack = ROUNDING * torch.cat(
-            [(chunk - self.mean.to(chunk.dtype)).norm(dim=1) for chunk in features.split(65536)]
-        )
+        self.residual_slack = ROUNDING * torch.cat(norms)
 
-    def project(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``y`` and ``r`` of some rows (or of one row)."""
+    def project(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``y``, ``r`` and ``||x - m||`` of some rows (or of one row), from one centring."""
         centred = rows - self.mean.to(rows.dtype)
         y = centred @ self.basis
-        return y, (centred - y @ self.basis.T).norm(dim=-1)
+        return y, (centred - y @ self.basis.T).norm(dim=-1), centred.norm(dim=-1)
 
     def below(self, centre: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
         """Indices of the rows whose lower bound to ``centre`` is not above ``bound`` (squared distances).
@@ -117,11 +111,11 @@ class ProjectedBound:
         Each term is loosened by far more than float32 rounding can move it (``ROUNDING`` of the sizes
         involved), so no row that the exact distance would update is missed.
         """
-        y, r = self.project(centre)
+        y, r, norm = self.project(centre)
         y_sq = y @ y
         lower = torch.addmv(self.sq_norms + y_sq, self.projected, y, alpha=-2.0)
         lower.sub_(ROUNDING * (self.sq_norms + y_sq)).clamp_min_(0.0)
-        slack = self.residual_slack + ROUNDING * (centre - self.mean.to(centre.dtype)).norm()
+        slack = self.residual_slack + ROUNDING * norm
         lower.add_(((self.residual - r).abs_() - slack).clamp_min_(0.0).square_())
         return (lower <= bound).nonzero().squeeze(1)
 
@@ -273,18 +267,18 @@ def greedy_k_center(
             active = (to_centre - radius - slack < ball_max.clamp_min(0).sqrt()).nonzero().squeeze(1)
             scanned += len(active)
             centre_sq = centre @ centre
-            if len(active) > n_balls // 4 and bound is not None:
-                # weak pruning (early steps, few centres): the projected bound reads d of D columns of every
-                # row, and only the rows it cannot rule out in full
-                rows = bound.below(centre, flat_mind[slot_of_row])
-                slots = slot_of_row[rows]
-                dist = (row_sq_norms[rows] + centre_sq - 2.0 * (features[rows] @ centre)).clamp_min_(0.0)
-                flat_mind[slots] = torch.minimum(flat_mind[slots], dist)
-                ball_max = mind.amax(1)
-            elif len(active) > n_balls // 4:  # weak pruning and few columns: one contiguous matvec is cheaper
-                # over the unpadded rows (balls are a third padding on diffuse data), then gathered into ball layout
-                dist = torch.addmv(row_sq_norms + centre_sq, features, centre, alpha=-2.0).clamp_min_(0.0)
-                torch.minimum(mind, dist[index], out=mind)
+            if len(active) > n_balls // 4:  # weak pruning (early steps, few centres, diffuse data)
+                if bound is not None:
+                    # the projected bound reads d of D columns of every row, and in full only the rows it
+                    # cannot rule out
+                    rows = bound.below(centre, flat_mind[slot_of_row])
+                    slots = slot_of_row[rows]
+                    dist = (row_sq_norms[rows] + centre_sq - 2.0 * (features[rows] @ centre)).clamp_min_(0.0)
+                    flat_mind[slots] = torch.minimum(flat_mind[slots], dist)
+                else:  # few columns: one contiguous matvec over the unpadded rows (balls are a third padding
+                    # on diffuse data), then gathered into ball layout
+                    dist = torch.addmv(row_sq_norms + centre_sq, features, centre, alpha=-2.0).clamp_min_(0.0)
+                    torch.minimum(mind, dist[index], out=mind)
                 ball_max = mind.amax(1)
             else:
                 # Per point, ||x - c|| >= ||c - centre_b|| - ||x - centre_b||: only points whose bound is below
@@ -293,7 +287,7 @@ def greedy_k_center(
                 block = mind[active]
                 rows = (active[:, None] * ball_size + torch.arange(ball_size))[lower.square_() < block]
                 dist = (sq_norms[rows] + centre_sq - 2.0 * (flat[rows] @ centre)).clamp_min_(0.0)
-                mind.view(-1)[rows] = torch.minimum(mind.view(-1)[rows], dist)
+                flat_mind[rows] = torch.minimum(flat_mind[rows], dist)
                 ball_max[active] = mind[active].amax(1)
             ball = int(ball_max.argmax())
             slot = int(mind[ball].argmax())
