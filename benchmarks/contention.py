@@ -9,6 +9,8 @@ fit and killed after it). ReConPatch's phases are its own ``fit_timings`` (featu
 training, embedding and coreset); PatchCore's are the feature pass and its ``fit`` (the coreset
 loop). The table gives each phase's seconds alone and loaded, and the slowdown ratio. The
 competitors are plain Python loops, so they compete for cores without touching memory bandwidth.
+Loaded times vary widely from run to run: ``--repeats R`` measures alone and loaded R times in turn
+and reports the medians, with the loaded range.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,6 +92,7 @@ def main() -> None:
     parser.add_argument("--coreset-ratio", type=float, default=0.01)
     parser.add_argument("--num-steps", type=int, help="ReConPatch's representation steps (default: the model's)")
     parser.add_argument("--competitors", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=1, help="alone and loaded measurements, in turn")
     parser.add_argument(
         "--representation-threads", type=int, help="fix training's thread count (default: the model's choice)"
     )
@@ -98,8 +102,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    alone = measure(args, 0)
-    loaded = measure(args, args.competitors)
+    runs = [(measure(args, 0), measure(args, args.competitors)) for _ in range(args.repeats)]
     lines = [
         f"# Fit phases alone and beside {args.competitors} busy processes: {args.data.stem}",
         "",
@@ -109,15 +112,20 @@ def main() -> None:
         f"ReConPatch num_steps {'null' if args.num_steps is None else args.num_steps}, "
         f"representation training on {args.representation_threads or 'the faster of all threads and one'} "
         "thread(s); "
-        "each fit in a fresh process.",
+        f"each fit in a fresh process; medians of {args.repeats} run(s), loaded range in brackets.",
         "",
         f"| model | phase | alone s | beside {args.competitors} s | slowdown |",
         "|---|---|---|---|---|",
     ]
-    for model, phases in alone.items():
-        for phase, seconds in phases.items():
-            busy = loaded[model][phase]
-            lines.append(f"| {model} | {phase} | {seconds:.1f} | {busy:.1f} | {busy / max(seconds, 1e-9):.1f}x |")
+    for model, phases in runs[0][0].items():
+        for phase in phases:
+            seconds = statistics.median(alone[model][phase] for alone, _ in runs)
+            times = [loaded[model][phase] for _, loaded in runs]
+            busy = statistics.median(times)
+            spread = f" ({min(times):.1f} to {max(times):.1f})" if len(times) > 1 else ""
+            lines.append(
+                f"| {model} | {phase} | {seconds:.1f} | {busy:.1f}{spread} | {busy / max(seconds, 1e-9):.1f}x |"
+            )
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:

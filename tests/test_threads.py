@@ -53,6 +53,24 @@ def test_one_slow_probe_step_does_not_decide_alone() -> None:
     assert chooser.threads(6) == 2
 
 
+def test_a_count_measured_just_before_is_kept_until_the_first_period_ends() -> None:
+    chooser = ThreadChooser(all_threads=2, probe=3, period=20, start=1)
+    assert chooser.verdict == 1
+    chosen = run(chooser, range(30), {2: 0.026, 1: 0.041})
+    assert chosen[:20] == [1] * 20  # no probe while the start's measurement is fresh
+    assert chosen[20:26] == [1, 1, 1, 2, 2, 2]
+    assert chooser.verdict == 2
+
+
+def test_the_verdict_is_what_the_last_finished_probe_chose() -> None:
+    chooser = ThreadChooser(all_threads=2, probe=3, period=20)
+    assert chooser.verdict is None
+    run(chooser, range(3), {2: 0.9, 1: 0.12})
+    assert chooser.verdict is None  # the window has timed one count only
+    run(chooser, range(3, 10), {2: 0.9, 1: 0.12})
+    assert chooser.verdict == 1
+
+
 def test_a_single_thread_has_nothing_to_choose() -> None:
     chooser = ThreadChooser(all_threads=1)
     assert run(chooser, range(10), {1: 0.05}) == [1] * 10
@@ -83,3 +101,36 @@ def test_training_gives_the_same_f_whichever_thread_count_runs_a_step(monkeypatc
             model.train_representation(features)
         trained.append(model.model.representation.weight.detach().clone())
     assert torch.equal(trained[0], trained[1])
+
+
+def test_training_returns_the_count_its_probe_chose_and_the_coreset_sets_up_on_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from anomalib_reconpatch import ReConPatch
+    from anomalib_reconpatch.components import coreset
+
+    from .conftest import BACKBONE, LAYERS
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread only: nothing to choose")
+
+    class BusyCpu(ThreadChooser):
+        """A chooser whose all-thread steps are timed as a busy CPU times them."""
+
+        def record(self, step: int, seconds: float) -> None:
+            super().record(step, 0.9 if torch.get_num_threads() > 1 else 0.12)
+
+    monkeypatch.setattr("anomalib_reconpatch.reconpatch.lightning_model.ThreadChooser", BusyCpu)
+    features = torch.randn(3000, 152, generator=torch.Generator().manual_seed(0))
+    model = ReConPatch(backbone=BACKBONE, layers=LAYERS, pre_trained=False, num_steps=10)
+    with torch.enable_grad():
+        verdict = model.train_representation(features)
+    assert verdict == 1
+    set_up_on = []
+    balls = coreset._balls
+    monkeypatch.setattr(coreset, "_balls", lambda *args: set_up_on.append(torch.get_num_threads()) or balls(*args))
+    before = torch.get_num_threads()
+    selected = coreset.greedy_k_center(features, 30, threads=verdict)
+    assert set_up_on == [1]
+    assert torch.get_num_threads() == before
+    assert torch.equal(selected, coreset.greedy_k_center(features, 30))

@@ -180,6 +180,7 @@ def greedy_k_center(
     progress: Callable[[int], None] | None = None,
     agreement: Agreement | None = None,
     on_pick: Callable[[torch.Tensor], None] | None = None,
+    threads: int | None = None,
 ) -> torch.Tensor:
     """Select ``n_select`` rows by greedy k-center, starting at row ``start``.
 
@@ -205,6 +206,9 @@ def greedy_k_center(
         agreement (Agreement | None): How shards agree on each pick; None for one process holding every row.
         on_pick (Callable[[torch.Tensor], None] | None): Called with every selected row, this shard's or
             another's, in order: how a shard collects the whole coreset. Defaults to ``None``.
+        threads (int | None): The thread count that a phase just before found faster (a ``ThreadChooser``'s
+            ``verdict``): the set-up's products run on it and the loop starts on it. None sets up on all of
+            torch's threads and probes from the first step. Defaults to ``None``.
 
     Returns:
         torch.Tensor: The selected row indices of this shard (int64), in the order they were chosen; with
@@ -230,38 +234,41 @@ def greedy_k_center(
         msg = "Shards cannot agree on a start index: pass start=None to start at the row farthest from the mean."
         raise ValueError(msg)
     generator = generator or torch.Generator().manual_seed(0)
-    features = features.contiguous() if features.is_floating_point() else features.float()
-    if start is None:
-        start, mine, centre = farthest_from_mean(features, agreement)
-    else:
-        mine, centre = True, features[start]
-    index, valid = _balls(features, ball_size, generator)
-    n_balls = len(index)
-    points = features[index]  # balls x ball_size x D (padding repeats row 0, masked out below)
-    flat = points.reshape(-1, points.shape[-1])
-    row_sq_norms = features.pow(2).sum(1)
-    sq_norms = row_sq_norms[index].reshape(-1)
-    centres = (points * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
-    point_radius = torch.where(valid, (points - centres[:, None]).norm(dim=-1), 0.0)
-    radius = point_radius.amax(1)
-    slack = 1e-4 * radius.max().clamp_min(1e-6)  # guards the bound against float rounding
-    # Squared distances to the nearest chosen centre; padding slots sit at -inf and never win.
-    mind = torch.where(valid, math.inf, -math.inf).to(features.dtype)
-    ball_max = torch.full((n_balls,), math.inf, dtype=features.dtype)
-    slot_of_row = torch.empty(features.shape[0], dtype=torch.long)
-    slot_of_row[index[valid]] = valid.reshape(-1).nonzero().squeeze(1)
-    bound = ProjectedBound(features, PROJECTED_DIMS, generator) if features.shape[1] > 2 * PROJECTED_DIMS else None
-    flat_mind = mind.view(-1)
-    selected = [start] if mine else []
-    if on_pick is not None:
-        on_pick(centre)
-    tick, scanned = time.monotonic(), 0
-    chooser = ThreadChooser(torch.get_num_threads())  # one thread when a busy CPU makes barriers costly
+    # one thread when a busy CPU makes barriers costly: for the set-up's products as for the loop's steps
+    chooser = ThreadChooser(torch.get_num_threads(), start=threads)
     with torch_threads():
+        if threads is not None:
+            torch.set_num_threads(threads)
+        features = features.contiguous() if features.is_floating_point() else features.float()
+        if start is None:
+            start, mine, centre = farthest_from_mean(features, agreement)
+        else:
+            mine, centre = True, features[start]
+        index, valid = _balls(features, ball_size, generator)
+        n_balls = len(index)
+        points = features[index]  # balls x ball_size x D (padding repeats row 0, masked out below)
+        flat = points.reshape(-1, points.shape[-1])
+        row_sq_norms = features.pow(2).sum(1)
+        sq_norms = row_sq_norms[index].reshape(-1)
+        centres = (points * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
+        point_radius = torch.where(valid, (points - centres[:, None]).norm(dim=-1), 0.0)
+        radius = point_radius.amax(1)
+        slack = 1e-4 * radius.max().clamp_min(1e-6)  # guards the bound against float rounding
+        # Squared distances to the nearest chosen centre; padding slots sit at -inf and never win.
+        mind = torch.where(valid, math.inf, -math.inf).to(features.dtype)
+        ball_max = torch.full((n_balls,), math.inf, dtype=features.dtype)
+        slot_of_row = torch.empty(features.shape[0], dtype=torch.long)
+        slot_of_row[index[valid]] = valid.reshape(-1).nonzero().squeeze(1)
+        bound = ProjectedBound(features, PROJECTED_DIMS, generator) if features.shape[1] > 2 * PROJECTED_DIMS else None
+        flat_mind = mind.view(-1)
+        selected = [start] if mine else []
+        if on_pick is not None:
+            on_pick(centre)
+        tick, scanned = time.monotonic(), 0
         for step in range(1, n_select):
-            threads = chooser.threads(step)
-            if threads != torch.get_num_threads():
-                torch.set_num_threads(threads)
+            count = chooser.threads(step)
+            if count != torch.get_num_threads():
+                torch.set_num_threads(count)
             step_start = time.perf_counter()
             to_centre = (centres - centre).norm(dim=1)
             active = (to_centre - radius - slack < ball_max.clamp_min(0).sqrt()).nonzero().squeeze(1)
@@ -322,6 +329,10 @@ class FastKCenterGreedy:
     Args:
         embedding (torch.Tensor): ``N x D`` patch features.
         sampling_ratio (float): Fraction of the rows to keep; the coreset has ``int(N * sampling_ratio)`` rows.
+        agreement (Agreement | None): How the processes that each hold a shard of the rows agree on each
+            pick; None for one process holding every row. Defaults to ``None``.
+        threads (int | None): The thread count to start on, as :func:`greedy_k_center` takes it. Defaults to
+            ``None``.
 
     Raises:
         ValueError: If the ratio selects no row.
@@ -336,9 +347,16 @@ class FastKCenterGreedy:
         [0, 1]
     """
 
-    def __init__(self, embedding: torch.Tensor, sampling_ratio: float, agreement: Agreement | None = None) -> None:
+    def __init__(
+        self,
+        embedding: torch.Tensor,
+        sampling_ratio: float,
+        agreement: Agreement | None = None,
+        threads: int | None = None,
+    ) -> None:
         self.embedding = embedding
         self.agreement = agreement or OneShard()
+        self.threads = threads
         self.total_rows = int(self.agreement.total(torch.tensor([embedding.shape[0]]))[0])
         self.coreset_size = int(self.total_rows * sampling_ratio)
         if self.coreset_size <= 0:
@@ -363,7 +381,9 @@ class FastKCenterGreedy:
             list[int]: The selected row indices of this shard (with one process, all ``coreset_size``), in
             the order they were chosen.
         """
-        return greedy_k_center(self.embedding, self.coreset_size, progress=progress, agreement=self.agreement).tolist()
+        return greedy_k_center(
+            self.embedding, self.coreset_size, progress=progress, agreement=self.agreement, threads=self.threads
+        ).tolist()
 
     def sample_coreset(self, progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Select the coreset and return its rows: all of them, on every shard.
@@ -384,6 +404,11 @@ class FastKCenterGreedy:
             return self.embedding[self.select_coreset_idxs(progress)]
         rows: list[torch.Tensor] = []
         greedy_k_center(
-            self.embedding, self.coreset_size, progress=progress, agreement=self.agreement, on_pick=rows.append
+            self.embedding,
+            self.coreset_size,
+            progress=progress,
+            agreement=self.agreement,
+            on_pick=rows.append,
+            threads=self.threads,
         )
         return torch.stack(rows)

@@ -7,7 +7,9 @@ the other, which the scheduler has given to another process, so the phase slowed
 busy processes, where PatchCore's coreset loop slowed 4x. The greedy k-center's steps are alike.
 
 :class:`ThreadChooser` measures both counts as the steps run and keeps the faster, so the choice
-follows the load as it changes. The measurements are in ``docs/design/busy-cpu.md``.
+follows the load as it changes. A phase that follows another can start on the count the other
+just measured (``start``, from its ``verdict``): its one-off large products then run on that count too,
+and its first probe waits a period. The measurements are in ``docs/design/busy-cpu.md``.
 
 Example:
     >>> chooser = ThreadChooser(all_threads=2, probe=2, period=10)
@@ -49,18 +51,25 @@ class ThreadChooser:
         probe (int): Steps timed with each count at the start of a window. Defaults to ``3``.
         period (int): Steps between two windows while the counts are close. Defaults to ``100``.
         max_period (int): The longest period. Defaults to ``1600``.
+        start (int | None): A count measured just before (another chooser's ``verdict``): the steps run on it
+            and the first window opens after ``period`` steps. None probes from the first step. Defaults to
+            ``None``.
     """
 
-    def __init__(self, all_threads: int, probe: int = 3, period: int = 100, max_period: int = 1600) -> None:
+    def __init__(
+        self, all_threads: int, probe: int = 3, period: int = 100, max_period: int = 1600, start: int | None = None
+    ) -> None:
         self.all_threads = all_threads
         self.probe = probe
         self.period = max(period, 2 * probe + 1)
         self.max_period = max(max_period, self.period)
         self.gap = self.period
         self.window = 0
-        self.probing = True
+        self.probing = start is None
         self.times: dict[int, list[float]] = {1: [], all_threads: []}
-        self.chosen = all_threads
+        self.chosen = all_threads if start is None else start
+        self.verdict: int | None = start
+        """The count the last finished probe chose (or ``start``); None before any."""
 
     def threads(self, step: int) -> int:
         """The thread count for ``step``; steps must come in increasing order.
@@ -100,7 +109,7 @@ class ThreadChooser:
         if seconds < ABANDON * one and offset < 2 * self.probe - 1:
             return
         many = median(self.times[self.all_threads])
-        self.chosen = 1 if one < many else self.all_threads
+        self.chosen = self.verdict = 1 if one < many else self.all_threads
         clear = max(one, many) > BACK_OFF * min(one, many)
         self.gap = min(2 * self.gap, self.max_period) if clear else self.period
         self.probing = False

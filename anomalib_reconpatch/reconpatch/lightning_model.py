@@ -534,16 +534,20 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
             self.spilled_rows = len(features) if spill is not None else 0
             start = time.perf_counter()
             with torch.inference_mode(False), torch.enable_grad():
-                self.train_representation(features)
+                threads = self.train_representation(features)
             representation_s = time.perf_counter() - start
             start = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), torch_threads():
+                if threads is not None:  # the count training just found faster, as the coreset's start
+                    torch.set_num_threads(threads)
                 embedded = torch.cat([self.model.embed(chunk.to(self.device)) for chunk in features.split(65536)])
             del features
         finally:
             if spill is not None:
                 spill.close()
-        sampler = FastKCenterGreedy(embedded, self.coreset_sampling_ratio, agreement=coreset_agreement())
+        sampler = FastKCenterGreedy(
+            embedded, self.coreset_sampling_ratio, agreement=coreset_agreement(), threads=threads
+        )
         with fit_progress(self._trainer, "ReConPatch coreset", sampler.coreset_size) as update:
             self.model.memory_bank = sampler.sample_coreset(progress=update)
         self.on_memory_bank(embedded)
@@ -569,7 +573,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         self,
         features: torch.Tensor | SpilledFeatures,
         on_step: Callable[[RepresentationStep], None] | None = None,
-    ) -> None:
+    ) -> int | None:
         """Train ``f`` (kept) and ``g`` (discarded) with the relaxed contrastive loss on random patch mini-batches.
 
         Each step draws ``patches_per_step`` patches (``batch_sampling``: independently, with
@@ -583,6 +587,10 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
             on_step (Callable[[RepresentationStep], None] | None): Called at every step, after the loss and
                 before the update, with what the step saw; for diagnostics (``benchmarks/training_trace.py``).
                 It must not draw random numbers, or the training changes. Defaults to ``None``.
+
+        Returns:
+            int | None: The thread count that the training's last probe found faster on this CPU, which the
+            embedding and the coreset start on; None when training was too short to probe.
 
         Raises:
             ValueError: If ``N`` is not more than ``k``.
@@ -639,6 +647,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
                     logger.info("ReConPatch representation step %d/%d, loss %.4f", step + 1, steps, value)
                     tick = time.perf_counter()
         online_f.requires_grad_(False)
+        return REPRESENTATION_THREADS or chooser.verdict
 
     def draw_batch(
         self, features: torch.Tensor | SpilledFeatures, batch_size: int, target_f: nn.Module
