@@ -61,3 +61,25 @@ def test_pull_and_push_pairs_by_hand_on_three_points_of_a_line() -> None:
     assert push[0, 1] == pytest.approx(0.1875)
     assert push[0, 2] == 0
     assert relaxed_contrastive_loss(z, torch.full((3, 3), 0.25)) == pytest.approx(float(pull.sum() + push.sum()) / 3)
+
+
+@pytest.mark.parametrize(("n", "margin"), [(7, 0.5), (64, 1.0), (200, 2.0)])
+def test_closed_form_gradient_is_autograds_through_the_pairs_also_with_duplicate_rows(n: int, margin: float) -> None:
+    from anomalib_reconpatch.reconpatch.loss import relaxed_contrastive_pairs
+    from anomalib_reconpatch.reconpatch.similarity import pseudo_labels
+
+    z = 3 * torch.randn(n, 5, generator=torch.Generator().manual_seed(n), dtype=torch.float64) + 5
+    z[-2:] = z[:2]  # zero distances, where the reference's clamp stops the gradient
+    w = pseudo_labels(z, k=3, alpha=0.5, sigma=1.0).double()
+    fused, reference = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    loss = relaxed_contrastive_loss(fused, w, margin)
+    loss.backward()
+    pull, push = relaxed_contrastive_pairs(reference, w, margin)
+    expected = (pull + push).sum() / n
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert torch.allclose(fused.grad, reference.grad, rtol=1e-9, atol=1e-12 * float(reference.grad.abs().max()))
+    distinct = torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda x: relaxed_contrastive_loss(x, w[:6, :6], margin), distinct.requires_grad_(True)
+    )
