@@ -1,0 +1,143 @@
+"""What one and two threads buy each fit loop, alone and beside busy processes: the floor of a busy-CPU slowdown.
+
+    python benchmarks/thread_scaling.py --data configs/data/mpdd_metal_plate.yaml --competitors 4 \
+        --out docs/results/contention/thread_scaling.md
+
+On the training patches of ``--data`` it times three loops on one thread and on two, first alone and
+then beside ``--competitors`` busy-looping Python processes: ReConPatch's representation training
+(ms a step), this project's greedy k-center and anomalib's ``KCenterGreedy`` (ms a selection, over
+``--selections`` selections). A loop whose steps are many small products gains from two threads
+alone but, under load, runs best on one (``ThreadChooser`` picks it), where it gets a fair share of
+a core; so its slowdown against its best quiet time cannot fall below its two-thread speedup times
+the one-thread slowdown. A loop of a few large products, like ``KCenterGreedy``'s, keeps gaining
+from two threads under load. Each measurement runs in a fresh process, which inherits the environment:
+``OMP_WAIT_POLICY=PASSIVE python benchmarks/thread_scaling.py ...`` measures GNU OpenMP's sleeping
+barriers instead of its spinning ones, and the report's command line shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import data_parser
+
+BUSY = "while True: pass"
+LOOPS = ("representation training", "greedy k-center (ours)", "KCenterGreedy (anomalib)")
+
+
+def child(args: argparse.Namespace) -> None:
+    """Time one loop on ``--threads`` threads and print ms per step as JSON."""
+    import torch
+    from anomalib.models.components import KCenterGreedy
+    from common import load_data
+
+    from anomalib_reconpatch.components import coreset
+    from anomalib_reconpatch.components.threads import ThreadChooser
+    from anomalib_reconpatch.reconpatch import lightning_model
+
+    class Fixed(ThreadChooser):
+        """A chooser that never probes: every step on all of torch's threads."""
+
+        def __init__(self, all_threads: int, start: int | None = None) -> None:
+            del start
+            super().__init__(all_threads, period=sys.maxsize, start=all_threads)
+
+    coreset.ThreadChooser = Fixed
+    features = torch.load(args.features)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.child == LOOPS[0]:
+        lightning_model.REPRESENTATION_THREADS = args.threads
+        _, model = load_data(args, num_steps=args.steps)
+        start = time.perf_counter()
+        with torch.enable_grad():
+            model.train_representation(features)
+        per_step = (time.perf_counter() - start) / args.steps
+    elif args.child == LOOPS[1]:
+        start = time.perf_counter()
+        coreset.greedy_k_center(features, args.selections)
+        per_step = (time.perf_counter() - start) / args.selections
+    else:
+        sampler = KCenterGreedy(features, sampling_ratio=args.selections / len(features))
+        start = time.perf_counter()
+        sampler.select_coreset_idxs()
+        per_step = (time.perf_counter() - start) / args.selections
+    print(json.dumps(1000 * per_step))
+
+
+def run_child(args: argparse.Namespace, loop: str, threads: int) -> float:
+    """Milliseconds a step of ``loop`` on ``threads`` threads, in a fresh process."""
+    command = [sys.executable, __file__, "--child", loop, "--threads", str(threads), *sys.argv[1:]]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def measure(args: argparse.Namespace, competitors: int) -> dict[tuple[str, int], float]:
+    """Every loop on one and on two threads, with ``competitors`` busy processes beside them."""
+    busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(competitors)]
+    try:
+        time.sleep(1 if busy else 0)
+        return {(loop, threads): run_child(args, loop, threads) for loop in LOOPS for threads in (1, 2)}
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+
+
+def main() -> None:
+    """Cache the patches, measure alone and loaded, print and write the table."""
+    parser = data_parser(__doc__)
+    parser.add_argument("--competitors", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=100, help="representation steps timed")
+    parser.add_argument("--selections", type=int, default=200, help="coreset selections timed")
+    parser.add_argument("--features", type=Path, default=Path("results/thread_scaling/features.pt"))
+    parser.add_argument("--out", type=Path, help="the Markdown report to write")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    import torch
+    from common import cache, flat_patches, load_data
+
+    datamodule, model = load_data(args)
+    args.features.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(flat_patches(cache(model, datamodule.train_dataloader(), test=False)["features"]), args.features)
+    alone, loaded = measure(args, 0), measure(args, args.competitors)
+    policy = f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} " if "OMP_WAIT_POLICY" in os.environ else ""
+    lines = [
+        f"# One and two threads, alone and beside {args.competitors} busy processes: {args.data.stem}",
+        "",
+        f"`{policy}{shlex.join(['python', *sys.argv])}`",
+        "",
+        f"ms a step (training, {args.steps} steps) or a selection ({args.selections} selections); "
+        "each in a fresh process. Slowdown: the loaded time on the better count against the quiet time on "
+        "the better count.",
+        "",
+        "| loop | alone, 1 | alone, 2 | two-thread speedup | loaded, 1 | loaded, 2 | slowdown |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for loop in LOOPS:
+        one, two = alone[loop, 1], alone[loop, 2]
+        busy_one, busy_two = loaded[loop, 1], loaded[loop, 2]
+        lines.append(
+            f"| {loop} | {one:.1f} | {two:.1f} | {one / two:.2f}x | {busy_one:.1f} | {busy_two:.1f} | "
+            f"{min(busy_one, busy_two) / min(one, two):.1f}x |"
+        )
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+
+
+if __name__ == "__main__":
+    main()
