@@ -124,7 +124,8 @@ METRIC_COLUMNS = (("image AUROC", "image_AUROC", 4), ("pixel AUROC", "pixel_AURO
 def mean_sd_table(first: str, rows: dict[str, list[dict[str, float]]], columns: tuple = METRIC_COLUMNS) -> str:
     """Markdown table of each row's mean ± sd over its runs (sd with ``n - 1``; no sd for one run).
 
-    ``columns`` holds ``(heading, key, digits)``; ``first`` heads the column of row names.
+    ``columns`` holds ``(heading, key, digits)``; ``first`` heads the column of row names. A metric that a
+    row's runs do not have is shown as a dash.
     """
     lines = [
         f"| {first} | runs | " + " | ".join(heading for heading, _, _ in columns) + " |",
@@ -133,6 +134,9 @@ def mean_sd_table(first: str, rows: dict[str, list[dict[str, float]]], columns: 
     for name, runs in rows.items():
         cells = []
         for _, key, digits in columns:
+            if any(key not in run for run in runs):
+                cells.append("–")
+                continue
             values = torch.tensor([run[key] for run in runs], dtype=torch.float64)
             spread = f" ± {values.std():.{digits}f}" if len(values) > 1 else ""
             cells.append(f"{values.mean():.{digits}f}{spread}")

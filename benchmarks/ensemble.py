@@ -5,10 +5,13 @@ Each backbone runs once over the training and test images. For every seed and ev
 training images' score statistics (as ``ReConPatchEnsemble.fit`` does) and scores the test images;
 the ensemble is the mean of the standardised members, exactly as ``ReConPatchEnsembleModel``
 combines them. ``num_steps=0`` is the untrained ensemble, which tells the ensemble's gain from the
-training's. Ends with a mean ± sd table over the seeds; ``--out`` writes it as Markdown.
+training's; ``default`` trains as long as the model's default does. More rows score images otherwise,
+with the same maps: each backbone by the largest pixel of its map, and the ensemble by the largest
+standardised member score and by the largest pixel of its map. Ends with a mean ± sd table over the
+seeds; ``--out`` writes it as Markdown.
 
     python benchmarks/ensemble.py --data configs/data/kolektorsdd.yaml --seeds 0 1 2 \
-        --num-steps 1000 0 --out docs/results/ensemble/kolektorsdd.md
+        --num-steps default 0 --out docs/results/ensemble/kolektorsdd.md
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from anomalib_reconpatch.components.coreset import FastKCenterGreedy
 from anomalib_reconpatch.reconpatch.ensemble import DEFAULT_BACKBONES, EnsembleMember, standardise
 
 
-def fitted_member(backbone: str, args: object, steps: int, cached: dict, size: tuple[int, int]) -> EnsembleMember:
+def fitted_member(
+    backbone: str, args: object, steps: int | None, cached: dict, size: tuple[int, int]
+) -> EnsembleMember:
     """A member on ``backbone`` trained and banked on its cached training features, with its training statistics."""
     member = EnsembleMember(
         backbone=backbone, layers=args.layers, num_steps=steps, coreset_sampling_ratio=args.coreset_ratio
@@ -48,7 +53,7 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=list(DEFAULT_BACKBONES))
     parser.add_argument("--coreset-ratio", type=float, default=0.01)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--num-steps", type=int, nargs="+", default=[1000, 0])
+    parser.add_argument("--num-steps", type=steps_value, nargs="+", default=[None, 0], help="step counts, or 'default'")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     datamodule, base = load_data(args, coreset_sampling_ratio=args.coreset_ratio)
@@ -64,6 +69,7 @@ def main() -> None:
     size = tuple(test["masks"].shape[-2:])
     rows: dict[str, list[dict[str, float]]] = {}
     for steps in args.num_steps:
+        label = "default" if steps is None else steps
         for seed in args.seeds:
             standardised_scores, standardised_maps = [], []
             for backbone in args.backbones:
@@ -72,13 +78,22 @@ def main() -> None:
                 member = fitted_member(backbone, args, steps, features[backbone], size)
                 scores, maps = score(member, features[backbone]["test"], size)
                 metrics = evaluate(scores, maps, test)
-                rows.setdefault(f"{backbone}, num_steps={steps}", []).append(metrics)
-                print(f"seed {seed} num_steps {steps} {backbone:24s} {fmt(metrics)} {time.perf_counter() - start:.0f}s")
+                rows.setdefault(f"{backbone}, num_steps={label}", []).append(metrics)
+                by_map = evaluate(maps.flatten(1).amax(1), maps, test, pixel=False)
+                rows.setdefault(f"{backbone} (image score: largest map pixel), num_steps={label}", []).append(by_map)
+                print(f"seed {seed} num_steps {label} {backbone:24s} {fmt(metrics)} {time.perf_counter() - start:.0f}s")
                 standardised_scores.append(standardise(scores, *map(torch.tensor, member.score_statistics)))
                 standardised_maps.append(standardise(maps, *map(torch.tensor, member.map_statistics)))
-            metrics = evaluate(torch.stack(standardised_scores).mean(0), torch.stack(standardised_maps).mean(0), test)
-            rows.setdefault(f"ensemble of {len(args.backbones)}, num_steps={steps}", []).append(metrics)
-            print(f"seed {seed} num_steps {steps} {'ensemble':24s} {fmt(metrics)}", flush=True)
+            ensemble_map = torch.stack(standardised_maps).mean(0)
+            combinations = {
+                "": torch.stack(standardised_scores).mean(0),
+                " (image score: largest member score)": torch.stack(standardised_scores).amax(0),
+                " (image score: largest map pixel)": ensemble_map.flatten(1).amax(1),
+            }
+            for name, image_scores in combinations.items():
+                metrics = evaluate(image_scores, ensemble_map, test, pixel=not name)
+                rows.setdefault(f"ensemble of {len(args.backbones)}{name}, num_steps={label}", []).append(metrics)
+                print(f"seed {seed} num_steps {label} ensemble{name} {fmt(metrics)}", flush=True)
     table = mean_sd_table("model", rows)
     print(table)
     if args.out:
@@ -87,6 +102,11 @@ def main() -> None:
         args.out.write_text(
             f"{command}\n\n{args.data.stem}, coreset ratio {args.coreset_ratio}, seeds {args.seeds}\n\n{table}"
         )
+
+
+def steps_value(text: str) -> int | None:
+    """A ``--num-steps`` value: a step count, or ``default`` (None) for the model's own length."""
+    return None if text == "default" else int(text)
 
 
 def fmt(metrics: dict[str, float]) -> str:

@@ -98,6 +98,22 @@ def test_the_ensemble_averages_its_standardised_members(ensemble: tuple, demo_ro
     assert combined.anomaly_map.shape == (3, 256, 256)
 
 
+def test_the_map_image_score_is_the_largest_pixel_of_the_same_map(ensemble: tuple, demo_root: Path) -> None:
+    model = ensemble[0]
+    images = model.pre_processor.transform(raw_images(demo_root, "test/scratch", 3))
+    ensemble_model = model.model
+    with torch.no_grad():
+        by_members = ensemble_model(images)
+        ensemble_model.image_score = "map"
+        try:
+            by_map = ensemble_model(images)
+        finally:
+            ensemble_model.image_score = "members"
+    assert torch.equal(by_map.anomaly_map, by_members.anomaly_map)
+    assert torch.equal(by_map.pred_score, by_members.anomaly_map.flatten(1).amax(1))
+    assert not torch.allclose(by_map.pred_score, by_members.pred_score)
+
+
 def test_the_ensemble_detects_the_demo_defects(ensemble: tuple) -> None:
     metrics = ensemble[3]
     assert metrics["image_AUROC"] >= 0.9
@@ -173,6 +189,8 @@ def test_an_empty_or_repeated_backbone_list_is_refused_by_name() -> None:
         ReConPatchEnsemble(backbones=[])
     with pytest.raises(ValueError, match=r"--model\.backbones"):
         ReConPatchEnsemble(backbones=[BACKBONE, BACKBONE])
+    with pytest.raises(ValueError, match=r"image_score='max' is out of range.*members, map"):
+        ReConPatchEnsemble(image_score="max")
 
 
 @pytest.mark.slow

@@ -43,6 +43,9 @@ from .torch_model import ReConPatchModel
 from .validation import ENSEMBLE_KEY, _check_range, validate_hyperparameters
 
 DEFAULT_BACKBONES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
+IMAGE_SCORES = ("members", "map")
+"""How the ensemble scores an image: the mean of its members' standardised image scores, or the largest
+pixel of its averaged map (measured in ``docs/design/ensemble.md``)."""
 
 
 def standardise(values: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -160,11 +163,14 @@ class ReConPatchEnsembleModel(nn.Module):
 
     Args:
         members (Sequence[ReConPatchModel]): The members' torch models.
+        image_score (str): One of ``IMAGE_SCORES``: ``members`` averages the members' standardised image
+            scores, ``map`` takes the largest pixel of the averaged map. Defaults to ``"members"``.
     """
 
-    def __init__(self, members: Sequence[ReConPatchModel]) -> None:
+    def __init__(self, members: Sequence[ReConPatchModel], image_score: str = "members") -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.image_score = image_score
         count = len(members)
         self.score_mean: torch.Tensor
         self.score_std: torch.Tensor
@@ -243,7 +249,9 @@ class ReConPatchEnsembleModel(nn.Module):
             output = member(images)
             scores.append(standardise(output.pred_score, self.score_mean[index], self.score_std[index]))
             maps.append(standardise(output.anomaly_map, self.map_mean[index], self.map_std[index]))
-        return InferenceBatch(pred_score=torch.stack(scores).mean(0), anomaly_map=torch.stack(maps).mean(0))
+        anomaly_map = torch.stack(maps).mean(0)
+        pred_score = anomaly_map.flatten(1).amax(1) if self.image_score == "map" else torch.stack(scores).mean(0)
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
 
 class ReConPatchEnsemble(ReConPatch, AnomalibModule):
@@ -280,6 +288,8 @@ class ReConPatchEnsemble(ReConPatch, AnomalibModule):
         search (str): As ReConPatch's. Defaults to ``"exact"``.
         feature_memory_mb (int | None): Most megabytes of training features held in RAM by all members
             together (each gets an equal share); ``null`` never spills. Defaults to ``2048``.
+        image_score (str): How an image is scored: ``members`` (the mean of the members' standardised image
+            scores) or ``map`` (the largest pixel of the ensemble's map). Defaults to ``"members"``.
         pre_processor (nn.Module | bool): Pre-processor instance or flag. Defaults to ``True``.
         post_processor (nn.Module | bool): Post-processor instance or flag. Defaults to ``True``.
         evaluator (Evaluator | bool): Evaluator instance or flag. Defaults to ``True``.
@@ -312,6 +322,7 @@ class ReConPatchEnsemble(ReConPatch, AnomalibModule):
         num_neighbors: int = 9,
         search: str = "exact",
         feature_memory_mb: int | None = 2048,
+        image_score: str = "members",
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -323,6 +334,7 @@ class ReConPatchEnsemble(ReConPatch, AnomalibModule):
         _check_range(
             "backbones", names, bool(names) and len(set(names)) == len(names), "a non-empty list of distinct backbones"
         )
+        _check_range("image_score", image_score, image_score in IMAGE_SCORES, "one of " + ", ".join(IMAGE_SCORES))
         # Skip ReConPatch.__init__ (one backbone); MemoryBankMixin and AnomalibModule set up the rest.
         super(ReConPatch, self).__init__(
             pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
@@ -337,7 +349,9 @@ class ReConPatchEnsemble(ReConPatch, AnomalibModule):
         }  # fmt: skip
         share = None if feature_memory_mb is None else feature_memory_mb // len(names)
         self.members = [EnsembleMember(backbone=name, feature_memory_mb=share, **shared) for name in names]
-        self.model: ReConPatchEnsembleModel = ReConPatchEnsembleModel([member.model for member in self.members])
+        self.model: ReConPatchEnsembleModel = ReConPatchEnsembleModel(
+            [member.model for member in self.members], image_score
+        )
         self.k = k
         self.fit_timings: dict[str, float] = {}
         self._epoch_start = 0.0
