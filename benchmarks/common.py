@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +25,30 @@ def data_parser(description: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--layers", nargs="+", default=["blocks.2", "blocks.4"])
     parser.add_argument("--image-size", type=int, nargs="+", default=[256], help="a side, or a height and a width")
     return parser
+
+
+def write_report(report: str, out: Path | None) -> None:
+    """Print a benchmark's Markdown report and, with ``out``, write it there, creating its folder."""
+    print(report)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report)
+
+
+@contextmanager
+def busy_processes(count: int) -> Iterator[None]:
+    """``count`` busy-looping Python processes, one core's work each, while the block runs.
+
+    They compete for cores without touching memory bandwidth; they start a second before the block.
+    """
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        time.sleep(1 if busy else 0)
+        yield
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
 
 
 def load_data(args: argparse.Namespace, **model_args: object) -> tuple:

@@ -22,12 +22,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import data_parser
-
-BUSY = "while True: pass"
+from common import busy_processes, data_parser, write_report
 
 
 def child(args: argparse.Namespace) -> None:
@@ -76,14 +73,8 @@ def run_child(args: argparse.Namespace, model: str) -> dict[str, float]:
 
 def measure(args: argparse.Namespace, competitors: int) -> dict[str, dict[str, float]]:
     """Both models' phases with ``competitors`` busy processes running beside them."""
-    busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(competitors)]
-    try:
-        time.sleep(1 if busy else 0)
+    with busy_processes(competitors):
         return {model: run_child(args, model) for model in ("Patchcore", "ReConPatch")}
-    finally:
-        for process in busy:
-            process.kill()
-            process.wait()
 
 
 def main() -> None:
@@ -126,11 +117,7 @@ def main() -> None:
             lines.append(
                 f"| {model} | {phase} | {seconds:.1f} | {busy:.1f}{spread} | {busy / max(seconds, 1e-9):.1f}x |"
             )
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+    write_report("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

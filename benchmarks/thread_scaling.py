@@ -26,9 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import data_parser
+from common import busy_processes, data_parser, write_report
 
-BUSY = "while True: pass"
 LOOPS = ("representation training", "greedy k-center (ours)", "KCenterGreedy (anomalib)")
 
 
@@ -81,14 +80,8 @@ def run_child(args: argparse.Namespace, loop: str, threads: int) -> float:
 
 def measure(args: argparse.Namespace, competitors: int) -> dict[tuple[str, int], float]:
     """Every loop on one and on two threads, with ``competitors`` busy processes beside them."""
-    busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(competitors)]
-    try:
-        time.sleep(1 if busy else 0)
+    with busy_processes(competitors):
         return {(loop, threads): run_child(args, loop, threads) for loop in LOOPS for threads in (1, 2)}
-    finally:
-        for process in busy:
-            process.kill()
-            process.wait()
 
 
 def main() -> None:
@@ -132,11 +125,7 @@ def main() -> None:
             f"| {loop} | {one:.1f} | {two:.1f} | {one / two:.2f}x | {busy_one:.1f} | {busy_two:.1f} | "
             f"{min(busy_one, busy_two) / min(one, two):.1f}x |"
         )
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+    write_report("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

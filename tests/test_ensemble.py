@@ -14,7 +14,12 @@ from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 
 from anomalib_reconpatch import ReConPatch, ReConPatchEnsemble
-from anomalib_reconpatch.reconpatch.ensemble import DEFAULT_BACKBONES, TrainingStatistics, standardise
+from anomalib_reconpatch.reconpatch.ensemble import (
+    DEFAULT_BACKBONES,
+    ReConPatchEnsembleModel,
+    TrainingStatistics,
+    standardise,
+)
 from anomalib_reconpatch.tools.compare.models import build_model
 from anomalib_reconpatch.tools.compare.settings import CompareSettings
 from anomalib_reconpatch.tools.predict import load_compiled_model
@@ -84,10 +89,14 @@ def test_each_member_is_standardised_by_its_own_training_images(ensemble: tuple,
     assert not torch.allclose(ensemble_model.score_std[0], ensemble_model.score_std[1])
 
 
-def test_the_ensemble_averages_its_standardised_members(ensemble: tuple, demo_root: Path) -> None:
+def scratched_images(ensemble: tuple, demo_root: Path) -> tuple[ReConPatchEnsembleModel, torch.Tensor]:
+    """The fitted ensemble's torch model and three pre-processed demo images with scratches."""
     model = ensemble[0]
-    images = model.pre_processor.transform(raw_images(demo_root, "test/scratch", 3))
-    ensemble_model = model.model
+    return model.model, model.pre_processor.transform(raw_images(demo_root, "test/scratch", 3))
+
+
+def test_the_ensemble_averages_its_standardised_members(ensemble: tuple, demo_root: Path) -> None:
+    ensemble_model, images = scratched_images(ensemble, demo_root)
     with torch.no_grad():
         combined = ensemble_model(images)
         by_hand = [
@@ -99,9 +108,7 @@ def test_the_ensemble_averages_its_standardised_members(ensemble: tuple, demo_ro
 
 
 def test_the_map_image_score_is_the_largest_pixel_of_the_same_map(ensemble: tuple, demo_root: Path) -> None:
-    model = ensemble[0]
-    images = model.pre_processor.transform(raw_images(demo_root, "test/scratch", 3))
-    ensemble_model = model.model
+    ensemble_model, images = scratched_images(ensemble, demo_root)
     with torch.no_grad():
         by_members = ensemble_model(images)
         ensemble_model.image_score = "map"
