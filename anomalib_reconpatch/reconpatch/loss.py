@@ -104,22 +104,24 @@ class _RelaxedContrastive(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, z: torch.Tensor, w: torch.Tensor, margin: float
     ) -> torch.Tensor:
         n = z.shape[0]
-        centred = z - z.mean(dim=0, keepdim=True)
         sq = squared_distances(z)
         moving = sq > 1e-12  # the distances whose clamp lets a gradient through; never the diagonal
         dist = sq.clamp_min_(1e-12).sqrt_().fill_diagonal_(0.0)
         mean = dist.sum(dim=1, keepdim=True) / max(n - 1, 1)
-        rel = dist / mean.clamp_min(1e-12)
+        scale = mean.clamp_min(1e-12)
+        rel = dist / scale
         gap = (margin - rel).clamp_min_(0.0)
+        unlike = 1.0 - w
         pull = w * rel.square()
-        push = (1.0 - w) * gap.square()
+        push = unlike * gap.square()
         loss = (pull + push).fill_diagonal_(0.0).sum() / n
         if ctx.needs_input_grad[0]:
-            slope = (w * rel).sub_((1.0 - w) * gap).mul_(2.0).fill_diagonal_(0.0)  # phi'
+            slope = (w * rel).sub_(unlike * gap).mul_(2.0).fill_diagonal_(0.0)  # phi'
             inner = (slope * rel).sum(dim=1, keepdim=True) / max(n - 1, 1)
             inner = torch.where(mean > 1e-12, inner, 0.0)  # a clamped mean is a constant
-            h = (slope - inner).div_(n * mean.clamp_min(1e-12)).div_(2.0 * dist.clamp_min(1e-12)).mul_(moving)
+            h = (slope - inner).div_(n * scale).div_(2.0 * dist.clamp_min(1e-12)).mul_(moving)
             s = h + h.T
+            centred = z - z.mean(dim=0, keepdim=True)
             grad = 2.0 * (s.sum(dim=1, keepdim=True) * centred - s @ centred)
             ctx.save_for_backward(grad - grad.mean(dim=0, keepdim=True))
         return loss
