@@ -25,7 +25,7 @@ import torch
 from common import cache, data_parser, evaluate, flat_patches, load_data, mean_sd_table, score
 
 from anomalib_reconpatch.components.coreset import FastKCenterGreedy
-from anomalib_reconpatch.reconpatch.ensemble import DEFAULT_BACKBONES, EnsembleMember, standardise
+from anomalib_reconpatch.reconpatch.ensemble import DEFAULT_BACKBONES, EnsembleMember, largest_pixel, standardise
 
 
 def fitted_member(
@@ -79,7 +79,7 @@ def main() -> None:
                 scores, maps = score(member, features[backbone]["test"], size)
                 metrics = evaluate(scores, maps, test)
                 rows.setdefault(f"{backbone}, num_steps={label}", []).append(metrics)
-                by_map = evaluate(maps.flatten(1).amax(1), maps, test, pixel=False)
+                by_map = evaluate(largest_pixel(maps), maps, test, pixel=False)
                 rows.setdefault(f"{backbone} (image score: largest map pixel), num_steps={label}", []).append(by_map)
                 print(f"seed {seed} num_steps {label} {backbone:24s} {fmt(metrics)} {time.perf_counter() - start:.0f}s")
                 standardised_scores.append(standardise(scores, *map(torch.tensor, member.score_statistics)))
@@ -88,7 +88,7 @@ def main() -> None:
             combinations = {
                 "": torch.stack(standardised_scores).mean(0),
                 " (image score: largest member score)": torch.stack(standardised_scores).amax(0),
-                " (image score: largest map pixel)": ensemble_map.flatten(1).amax(1),
+                " (image score: largest map pixel)": largest_pixel(ensemble_map),
             }
             for name, image_scores in combinations.items():
                 metrics = evaluate(image_scores, ensemble_map, test, pixel=not name)

@@ -48,6 +48,18 @@ IMAGE_SCORES = ("members", "map")
 pixel of its averaged map (measured in ``docs/design/ensemble.md``)."""
 
 
+def largest_pixel(maps: torch.Tensor) -> torch.Tensor:
+    """Each map's largest value: the ensemble's image score under ``image_score: map``.
+
+    Args:
+        maps (torch.Tensor): ``B x H x W`` (or ``B x ...``) anomaly maps.
+
+    Returns:
+        torch.Tensor: ``B`` image scores.
+    """
+    return maps.flatten(1).amax(1)
+
+
 def standardise(values: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """Standardise ``values`` by a mean and standard deviation measured elsewhere (the training images).
 
@@ -250,7 +262,7 @@ class ReConPatchEnsembleModel(nn.Module):
             scores.append(standardise(output.pred_score, self.score_mean[index], self.score_std[index]))
             maps.append(standardise(output.anomaly_map, self.map_mean[index], self.map_std[index]))
         anomaly_map = torch.stack(maps).mean(0)
-        pred_score = anomaly_map.flatten(1).amax(1) if self.image_score == "map" else torch.stack(scores).mean(0)
+        pred_score = largest_pixel(anomaly_map) if self.image_score == "map" else torch.stack(scores).mean(0)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
 
