@@ -26,7 +26,7 @@ import torch
 from anomalib.deploy import ExportType, OpenVINOInferencer
 from anomalib.engine import Engine
 from anomalib.pre_processing.utils.transform import get_exportable_transform
-from common import data_parser, evaluate, load_data
+from common import data_parser, evaluate, load_data, write_report
 
 from anomalib_reconpatch.tools.predict import compile_options, load_compiled_model, predict, read_rgb
 
@@ -129,10 +129,7 @@ def main() -> None:
             f"| {name} | {score_diff:.1e} | {map_diff:.1e} | {metrics['image_AUROC']:.4f} | "
             f"{metrics['pixel_AUROC']:.4f} | {metrics['PRO']:.4f} |"
         )
-    report = "\n".join(lines) + "\n"
-    print(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    write_report("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

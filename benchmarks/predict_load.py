@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import write_report
+
 
 def build_model(work: Path, image_size: int) -> Path:
     """Train a small ReConPatch on the demo grass category and export it to OpenVINO."""
@@ -163,18 +165,15 @@ def main(argv: list[str] | None = None) -> int:
         growth = counted[-1]["peak_rss_mb"] - counted[0]["peak_rss_mb"]
         first, last = counted[0]["images"], counted[-1]["images"]
         lines += ["", f"peak RSS change from {first} to {last} images: {growth:+.0f} MB"]
-    print("\n".join(lines))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        head = [
-            "# reconpatch predict: throughput and peak memory",
-            "",
-            f"`{shlex.join(['python', *sys.argv])}`",
-            "",
-            f"{cpu_name()}, {os.cpu_count()} cores, {platform.platform()}; each run in a fresh process.",
-            "",
-        ]
-        args.out.write_text("\n".join(head + lines) + "\n")
+    head = [
+        "# reconpatch predict: throughput and peak memory",
+        "",
+        f"`{shlex.join(['python', *sys.argv])}`",
+        "",
+        f"{cpu_name()}, {os.cpu_count()} cores, {platform.platform()}; each run in a fresh process.",
+        "",
+    ]
+    write_report("\n".join(head + lines) + "\n", args.out)
     return 0
 
 

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from common import write_report
 from PIL import Image
 
 CATEGORY = "shapes"
@@ -98,10 +99,7 @@ def main() -> None:
         + "\n".join(lines)
         + f"\n\nReConPatch's fit / PatchCore's: {ratio:.2f}\n"
     )
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    write_report(text, args.out)
 
 
 if __name__ == "__main__":
