@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import cache, data_parser, evaluate, flat_patches, load_data, mean_sd_table, score
+from common import cache, data_parser, evaluate, flat_patches, load_data, mean_sd_table, score, write_report
 
 from anomalib_reconpatch.components.coreset import FastKCenterGreedy
-from anomalib_reconpatch.reconpatch.ensemble import DEFAULT_BACKBONES, EnsembleMember, largest_pixel, standardise
+from anomalib_reconpatch.reconpatch.anomaly_map import largest_pixel
+from anomalib_reconpatch.reconpatch.ensemble import DEFAULT_BACKBONES, EnsembleMember, standardise
 
 
 def fitted_member(
@@ -94,14 +95,9 @@ def main() -> None:
                 metrics = evaluate(image_scores, ensemble_map, test, pixel=not name)
                 rows.setdefault(f"ensemble of {len(args.backbones)}{name}, num_steps={label}", []).append(metrics)
                 print(f"seed {seed} num_steps {label} ensemble{name} {fmt(metrics)}", flush=True)
-    table = mean_sd_table("model", rows)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        command = f"`python {shlex.join(sys.argv)}`"
-        args.out.write_text(
-            f"{command}\n\n{args.data.stem}, coreset ratio {args.coreset_ratio}, seeds {args.seeds}\n\n{table}"
-        )
+    command = f"`python {shlex.join(sys.argv)}`"
+    header = f"{args.data.stem}, coreset ratio {args.coreset_ratio}, seeds {args.seeds}"
+    write_report(f"{command}\n\n{header}\n\n{mean_sd_table('model', rows)}", args.out)
 
 
 def steps_value(text: str) -> int | None:

@@ -165,7 +165,7 @@ def test_checkpoint_round_trip_and_a_single_models_checkpoint_is_refused(ensembl
         ReConPatchEnsemble.load_from_checkpoint(single_path, backbones=BACKBONES)
     with pytest.raises(ValueError, match="backbones="):
         ReConPatchEnsemble.load_from_checkpoint(path, backbones=BACKBONES[:1])
-    with pytest.raises(ValueError, match="it is a ReConPatchEnsemble's: load it with --model ReConPatchEnsemble"):
+    with pytest.raises(ValueError, match="but a ReConPatchEnsemble's: load it with --model ReConPatchEnsemble"):
         ReConPatch.load_from_checkpoint(path, backbone=BACKBONE, layers=LAYERS)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import signal
 import subprocess
@@ -65,6 +66,22 @@ def test_openvino_matches_torch_at_any_batch(exported: tuple, demo_root: Path, b
     map_range = max(float(ref_map.max() - ref_map.min()), 1e-6)
     assert np.abs(score - reference.pred_score.numpy()).max() <= 1e-3
     assert np.abs(amap - ref_map).max() <= 1e-2 * map_range
+
+
+def test_a_map_scored_model_exports_its_image_score(exported: tuple, demo_root: Path, tmp_path: Path) -> None:
+    model = copy.deepcopy(exported[0]).eval()
+    model.model.image_score = "map"
+    xml = model.to_openvino(tmp_path / "openvino")
+    compiled = load_compiled_model(xml)
+    images = torch.cat([raw_images(demo_root, "test/good", 1), raw_images(demo_root, "test/scratch", 2)])
+    with torch.no_grad():
+        reference = model(images)
+        by_patches = exported[0](images)
+    result = compiled(images.numpy())
+    score, amap = result[compiled.output("pred_score")], result[compiled.output("anomaly_map")]
+    assert np.abs(score - reference.pred_score.numpy()).max() <= 1e-3
+    assert not np.allclose(score, by_patches.pred_score.numpy(), atol=1e-3)
+    assert np.abs(amap - by_patches.anomaly_map.numpy()).max() <= 1e-2 * np.ptp(by_patches.anomaly_map.numpy())
 
 
 def enlarged_images(root: Path, size: tuple[int, int]) -> torch.Tensor:

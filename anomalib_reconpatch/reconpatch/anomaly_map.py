@@ -2,8 +2,8 @@
 
 The map is anomalib's PatchCore generator (nearest upsampling, Gaussian blur sigma=4) with the
 blur applied as two 1-D passes, returned as ``B x H x W``. Neither change alters the map's values
-(see ``docs/design/anomaly-map.md``). The image score, like PatchCore's, is computed in
-``torch_model``.
+(see ``docs/design/anomaly-map.md``). PatchCore's image score is computed in ``torch_model``;
+:func:`largest_pixel` is the alternative that reads it off the map (``docs/design/image-score.md``).
 
 Example:
     >>> import torch
@@ -20,7 +20,22 @@ from anomalib.models.components.filters import GaussianBlur2d
 from anomalib.models.image.patchcore.anomaly_map import AnomalyMapGenerator as PatchcoreAnomalyMapGenerator
 from torch.nn import functional as F  # noqa: N812
 
-__all__ = ["AnomalyMapGenerator"]
+__all__ = ["AnomalyMapGenerator", "largest_pixel"]
+
+
+def largest_pixel(maps: torch.Tensor) -> torch.Tensor:
+    """Each map's largest value: the image score under ``image_score: map``.
+
+    The blurred map's peak weighs a patch together with its neighbours, so a lone outlying patch
+    counts for less than a defect that spans several (``docs/design/image-score.md``).
+
+    Args:
+        maps (torch.Tensor): ``B x H x W`` (or ``B x ...``) anomaly maps.
+
+    Returns:
+        torch.Tensor: ``B`` image scores.
+    """
+    return maps.flatten(1).amax(1)
 
 
 class SeparableGaussianBlur2d(GaussianBlur2d):

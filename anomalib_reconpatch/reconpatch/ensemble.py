@@ -38,26 +38,12 @@ from torch import nn
 
 from ..components.distributed import all_sum
 from ..components.progress import stop_if_terminated
+from .anomaly_map import largest_pixel
 from .lightning_model import ReConPatch
-from .torch_model import ReConPatchModel
-from .validation import ENSEMBLE_KEY, _check_range, validate_hyperparameters
+from .torch_model import ENSEMBLE_IMAGE_SCORES, IMAGE_SCORES, ReConPatchModel
+from .validation import ENSEMBLE_KEY, _check_range, check_image_score, validate_hyperparameters
 
 DEFAULT_BACKBONES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
-IMAGE_SCORES = ("members", "map")
-"""How the ensemble scores an image: the mean of its members' standardised image scores, or the largest
-pixel of its averaged map (measured in ``docs/design/ensemble.md``)."""
-
-
-def largest_pixel(maps: torch.Tensor) -> torch.Tensor:
-    """Each map's largest value: the ensemble's image score under ``image_score: map``.
-
-    Args:
-        maps (torch.Tensor): ``B x H x W`` (or ``B x ...``) anomaly maps.
-
-    Returns:
-        torch.Tensor: ``B`` image scores.
-    """
-    return maps.flatten(1).amax(1)
 
 
 def standardise(values: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -175,8 +161,8 @@ class ReConPatchEnsembleModel(nn.Module):
 
     Args:
         members (Sequence[ReConPatchModel]): The members' torch models.
-        image_score (str): One of ``IMAGE_SCORES``: ``members`` averages the members' standardised image
-            scores, ``map`` takes the largest pixel of the averaged map. Defaults to ``"members"``.
+        image_score (str): One of ``ENSEMBLE_IMAGE_SCORES``: ``members`` averages the members' standardised
+            image scores, ``map`` takes the largest pixel of the averaged map. Defaults to ``"members"``.
     """
 
     def __init__(self, members: Sequence[ReConPatchModel], image_score: str = "members") -> None:
@@ -346,7 +332,7 @@ class ReConPatchEnsemble(ReConPatch, AnomalibModule):
         _check_range(
             "backbones", names, bool(names) and len(set(names)) == len(names), "a non-empty list of distinct backbones"
         )
-        _check_range("image_score", image_score, image_score in IMAGE_SCORES, "one of " + ", ".join(IMAGE_SCORES))
+        check_image_score(image_score, ENSEMBLE_IMAGE_SCORES, "ReConPatchEnsemble", IMAGE_SCORES, "ReConPatch")
         # Skip ReConPatch.__init__ (one backbone); MemoryBankMixin and AnomalibModule set up the rest.
         super(ReConPatch, self).__init__(
             pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer

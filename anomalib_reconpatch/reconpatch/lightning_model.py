@@ -85,11 +85,12 @@ from .loss import RelaxedContrastiveLoss
 from .quantize import quantize_on_training_images
 from .sampling import NEIGHBOR_POOL, neighbor_groups
 from .similarity import pseudo_labels
-from .torch_model import ReConPatchModel, ema_update
+from .torch_model import ENSEMBLE_IMAGE_SCORES, IMAGE_SCORES, ReConPatchModel, ema_update
 from .validation import (
     ARCHITECTURE_KEY,
     architecture,
     check_checkpoint_matches,
+    check_image_score,
     check_training_size,
     validate_hyperparameters,
 )
@@ -212,6 +213,9 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         coreset_sampling_ratio (float): Fraction of training patches kept in the memory bank.
             Defaults to ``0.1``.
         num_neighbors (int): Support size of PatchCore's image-score re-weighting. Defaults to ``9``.
+        image_score (str): How an image is scored: ``patches`` (PatchCore's: the largest patch distance,
+            re-weighted) or ``map`` (the largest pixel of the anomaly map, which scored thin defects
+            better on KolektorSDD; see ``docs/design/image-score.md``). Defaults to ``"patches"``.
         search (str): Nearest-neighbour search of the Python inference path: ``exact`` (torch) or an
             approximate faiss index, ``hnsw`` or ``ivf`` (built from the bank on first use, never saved,
             each image's top patches refined exactly). Exported models always use the exact search.
@@ -273,6 +277,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         optimizer: str = "adamp",
         coreset_sampling_ratio: float = 0.1,
         num_neighbors: int = 9,
+        image_score: str = "patches",
         search: str = "exact",
         feature_memory_mb: int | None = 2048,
         pre_processor: nn.Module | bool = True,
@@ -281,6 +286,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         validate_hyperparameters(locals())
+        check_image_score(image_score, IMAGE_SCORES, "ReConPatch", ENSEMBLE_IMAGE_SCORES, "ReConPatchEnsemble")
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
@@ -294,6 +300,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
             embedding_dim=embedding_dim,
             num_neighbors=num_neighbors,
             search=search,
+            image_score=image_score,
         )
         self.feature_memory_mb = feature_memory_mb
         self.projection_dim = projection_dim

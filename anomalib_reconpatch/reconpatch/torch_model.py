@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from ..components.backbone import build_feature_extractor
-from .anomaly_map import AnomalyMapGenerator
+from .anomaly_map import AnomalyMapGenerator, largest_pixel
 from .search import (
     as_columns,
     build_index,
@@ -45,6 +45,14 @@ from .search import (
     refine_top_patches,
     search_index,
 )
+
+IMAGE_SCORES = ("patches", "map")
+"""How a single model scores an image: PatchCore's re-weighted largest patch distance, or the largest pixel
+of its anomaly map (measured in ``docs/design/image-score.md``)."""
+
+ENSEMBLE_IMAGE_SCORES = ("members", "map")
+"""How an ensemble of these models scores an image: the mean of its members' standardised image scores, or
+the largest pixel of its averaged map (measured in ``docs/design/ensemble.md``)."""
 
 
 def identity_linear(dim: int) -> nn.Linear:
@@ -180,6 +188,9 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         search (str): Nearest-neighbour search of the Python path: ``exact`` (torch) or a faiss index
             (``hnsw``, ``ivf``), built lazily from the bank and never saved. Export always traces exact.
             Defaults to ``"exact"``.
+        image_score (str): One of ``IMAGE_SCORES``: ``patches`` is PatchCore's score (the largest patch
+            distance, re-weighted by its bank neighbour's isolation), ``map`` the largest pixel of the
+            anomaly map. Defaults to ``"patches"``.
 
     Example:
         >>> import torch
@@ -205,9 +216,11 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         embedding_dim: int | None = None,
         num_neighbors: int = 9,
         search: str = "exact",
+        image_score: str = "patches",
     ) -> None:
         super().__init__()
         self.search = search
+        self.image_score = image_score
         self.convolution_search = False  # both set only inside export_form
         self.support_table: torch.Tensor | None = None
         self._indexes: dict[str, tuple[torch.Tensor, object]] = {}
@@ -291,8 +304,8 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
 
         Nested uses keep the outer table; leaving restores the previous form. The table holds every
         bank row's ``num_neighbors`` nearest rows, built by one pass of the bank against itself on
-        entry, so an exported graph looks the image score's support up instead of searching it (see
-        ``docs/design/distance-only-search.md``).
+        entry when the image score re-weights, so an exported graph looks the image score's support
+        up instead of searching it (see ``docs/design/distance-only-search.md``).
 
         Args:
             convolution (bool): Trace the bank searches as 1x1 convolutions (the INT8 export's form).
@@ -301,7 +314,8 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
             None: Control, with the export form in place.
         """
         previous = self.support_table, self.convolution_search
-        if self.support_table is None and self.memory_bank.numel() and self.num_neighbors > 1:
+        reweights = self.image_score == "patches" and self.num_neighbors > 1
+        if self.support_table is None and self.memory_bank.numel() and reweights:
             size = min(self.num_neighbors, self.memory_bank.shape[0])
             self.support_table = nearest_rows(self.memory_bank, self.memory_bank, size)
         self.convolution_search = convolution
@@ -396,13 +410,16 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         batch, height, width, dim = embedding.shape
         queries = embedding.reshape(-1, dim)
         patch_scores = self.search_bank(queries, batch).reshape(batch, -1)
-        pred_score = reweighted_image_score(
-            patch_scores,
-            queries.reshape(batch, -1, dim),
-            self.memory_bank,
-            self.num_neighbors,
-            self.support_table,
-            self.convolution_search,
-        )
         anomaly_map = self.anomaly_map_generator(patch_scores.reshape(batch, 1, height, width), image_size)
+        if self.image_score == "map":
+            pred_score = largest_pixel(anomaly_map)
+        else:
+            pred_score = reweighted_image_score(
+                patch_scores,
+                queries.reshape(batch, -1, dim),
+                self.memory_bank,
+                self.num_neighbors,
+                self.support_table,
+                self.convolution_search,
+            )
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)

@@ -61,6 +61,34 @@ def validate_hyperparameters(params: dict[str, Any]) -> None:
     _check_range("feature_memory_mb", budget, budget is None or budget >= 0, "null (no limit) or megabytes >= 0")
 
 
+def check_image_score(value: str, own: tuple[str, ...], model: str, others: tuple[str, ...], other_model: str) -> None:
+    """Refuse an ``image_score`` that ``model`` does not know, naming the model it belongs to if any.
+
+    The single model and the ensemble score images differently (``patches`` and ``members``), and
+    ``load_from_checkpoint`` passes a checkpoint's settings to the constructor before the checkpoint's own
+    check can say whose it is; so the other model's value gets that message here.
+
+    Args:
+        value (str): The ``image_score`` asked for.
+        own (tuple[str, ...]): The values ``model`` takes.
+        model (str): The model being built.
+        others (tuple[str, ...]): The values the other model takes.
+        other_model (str): The other model's name.
+
+    Raises:
+        ValueError: If ``value`` is not one of ``own``.
+    """
+    if value in own:
+        return
+    if value in others:
+        msg = (
+            f"{model}: image_score={value!r} is {other_model}'s (one of {', '.join(own)} here); a checkpoint with "
+            f"it is not a {model}'s but a {other_model}'s: load it with --model {other_model}."
+        )
+        raise ValueError(msg)
+    _check_range("image_score", value, False, "one of " + ", ".join(own))
+
+
 def check_training_size(module: Any, datamodule: Any, scan: ImageScan) -> None:
     """Stop before feature extraction when the training set cannot give ``k + 1`` patches or one coreset point.
 
