@@ -3,6 +3,9 @@
 # at its own 640x256 aspect), coreset ratios 0.01 and 0.1, seeds 0 1 2. For each combination it writes
 #   docs/results/protocol/NAME/coresetR/compare/  `reconpatch compare` of ReConPatch (defaults), stock
 #                                                  Patchcore and ReConPatchEnsemble: mean ± sd per model
+#                                                  (report.md, report.json, roc.png; the runs and
+#                                                  heatmaps.png, which shows the data sets' images, stay in
+#                                                  results/protocol/)
 #   docs/results/protocol/NAME/coresetR/candidates.md  every setting of candidate_settings.sh (baselines,
 #                                                  candidates, recipe) on cached features (benchmarks/sweep.py)
 # Many hours on 2 cores: run it alone. Narrow it with the environment, e.g.
@@ -22,10 +25,12 @@ for name in $RUNS; do
   esac
   for ratio in $RATIOS; do
     out=docs/results/protocol/$name/coreset$ratio
-    mkdir -p "$out"
+    work=results/protocol/$name/coreset$ratio/compare
+    mkdir -p "$out/compare"
     # shellcheck disable=SC2086
     "$BIN/reconpatch" compare --data "configs/data/$data.yaml" --image-size "${size[@]}" --coreset-ratio "$ratio" \
-      --models ReConPatch Patchcore ReConPatchEnsemble --seed $SEEDS --out "$out/compare"
+      --models ReConPatch Patchcore ReConPatchEnsemble --seed $SEEDS --out "$work"
+    cp "$work/report.md" "$work/report.json" "$work/roc.png" "$out/compare/"
     # shellcheck disable=SC2086
     "$BIN/python" benchmarks/sweep.py --data "configs/data/$data.yaml" --image-size "${size[@]}" \
       --coreset-ratio "$ratio" --seeds $SEEDS --out "$out/candidates.md" "${BASELINES[@]}" "${CANDIDATES[@]}" "${RECIPE[@]}" "${LENGTH[@]}"
