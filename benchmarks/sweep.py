@@ -31,7 +31,17 @@ import numpy as np
 import torch
 import yaml
 from anomalib.models.components.dimensionality_reduction import SparseRandomProjection
-from common import METRIC_COLUMNS, cache, data_parser, evaluate, flat_patches, load_data, mean_sd_table, score
+from common import (
+    METRIC_COLUMNS,
+    cache,
+    data_parser,
+    evaluate,
+    flat_patches,
+    load_data,
+    mean_sd_table,
+    score,
+    write_report,
+)
 
 from anomalib_reconpatch import ReConPatch
 from anomalib_reconpatch.components.coreset import FastKCenterGreedy, greedy_k_center
@@ -137,15 +147,12 @@ def main() -> None:
                 run_setting(run, args, base, train_flat, test, size, directions, groups, datamodule)
             )
     if args.seeds:
-        table = summary_table(rows)
-        print(table, flush=True)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            command = "python " + shlex.join(sys.argv)
-            args.out.write_text(
-                f"`{command}`\n\n{args.data.stem}, {args.backbone}, {'x'.join(map(str, args.image_size))} px, "
-                f"coreset ratio {args.coreset_ratio}\n\n{table}"
-            )
+        command = "python " + shlex.join(sys.argv)
+        header = (
+            f"{args.data.stem}, {args.backbone}, {'x'.join(map(str, args.image_size))} px, "
+            f"coreset ratio {args.coreset_ratio}"
+        )
+        write_report(f"`{command}`\n\n{header}\n\n{summary_table(rows)}", args.out)
 
 
 def run_setting(
