@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,15 @@ BACKBONE = "tf_efficientnet_lite0"
 LAYERS = ["blocks.2", "blocks.4"]
 DEMO_SETTINGS = {"backbone": BACKBONE, "layers": LAYERS, "num_steps": 20, "coreset_sampling_ratio": 0.02}
 """The small ReConPatch that the end-to-end tests train on the demo brick category."""
+
+
+def interruptible() -> None:
+    """``preexec_fn`` of a child that a test interrupts: SIGINT back to its default action.
+
+    A shell that starts the tests as a background job ignores SIGINT, children inherit that, and
+    Python then installs no KeyboardInterrupt handler, so the signal would be lost.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from anomalib.metrics import AUROC
 
 from anomalib_reconpatch.tools.predict import load_compiled_model
 
-from .conftest import BACKBONE
+from .conftest import BACKBONE, interruptible
 
 
 @pytest.fixture
@@ -301,7 +301,9 @@ def test_a_signal_to_a_predict_process_keeps_the_earlier_run_and_leaves_the_new_
     for index in range(300):
         shutil.copyfile(sources[index % len(sources)], many / f"{index:03d}.png")
     command = [sys.executable, "-m", "anomalib_reconpatch.tools.cli", "predict", "--model", str(xml)]
-    process = subprocess.Popen([*command, "--input", str(many), "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [*command, "--input", str(many), "--out", str(out)], stderr=subprocess.PIPE, text=True, preexec_fn=interruptible
+    )
     staged = out / "overlays.partial"
     deadline = time.monotonic() + 120
     while process.poll() is None and len(list(staged.glob("*.png"))) < 3 and time.monotonic() < deadline:

@@ -15,7 +15,7 @@ import torch
 
 from anomalib_reconpatch import ReConPatch, ReConPatchModel
 
-from .conftest import BACKBONE, LAYERS
+from .conftest import BACKBONE, LAYERS, interruptible
 from .test_export import snapshot
 from .test_model import demo_images
 
@@ -144,7 +144,9 @@ def run_training(root: Path, results: Path, out: Path, tmp: Path, signal_at: tup
     tmp.mkdir(exist_ok=True)
     command = [sys.executable, "-u", "-c", RUN_SCRIPT, str(root), str(results), str(out), str(STEPS)]
     env = {**os.environ, "TMPDIR": str(tmp)}
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=interruptible
+    )
     lines, marker, sent = [], "", 0.0
     for line in process.stderr:
         lines.append(line)
