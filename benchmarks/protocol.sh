@@ -10,11 +10,13 @@
 #                                                  candidates, recipe) on cached features (benchmarks/sweep.py)
 # Many hours on 2 cores: run it alone. Narrow it with the environment, e.g.
 #   DATA="bottle" RATIOS="0.1" SEEDS="0 1 2" bash benchmarks/protocol.sh
+# and PARTS="compare" (or "candidates") runs one of the two parts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 SEEDS=${SEEDS:-0 1 2}
 RATIOS=${RATIOS:-0.01 0.1}
+PARTS=${PARTS:-compare candidates}
 # Data config names; kolektorsdd_640x256 is kolektorsdd at 640 x 256 px (height x width), the rest at 256 px.
 RUNS=${DATA:-bottle kolektorsdd kolektorsdd_640x256 mpdd_metal_plate}
 source benchmarks/candidate_settings.sh
@@ -26,13 +28,20 @@ for name in $RUNS; do
   for ratio in $RATIOS; do
     out=docs/results/protocol/$name/coreset$ratio
     work=results/protocol/$name/coreset$ratio/compare
-    mkdir -p "$out/compare"
-    # shellcheck disable=SC2086
-    "$BIN/reconpatch" compare --data "configs/data/$data.yaml" --image-size "${size[@]}" --coreset-ratio "$ratio" \
-      --models ReConPatch Patchcore ReConPatchEnsemble --seed $SEEDS --out "$work"
-    cp "$work/report.md" "$work/report.json" "$work/roc.png" "$out/compare/"
-    # shellcheck disable=SC2086
-    "$BIN/python" benchmarks/sweep.py --data "configs/data/$data.yaml" --image-size "${size[@]}" \
-      --coreset-ratio "$ratio" --seeds $SEEDS --out "$out/candidates.md" "${BASELINES[@]}" "${CANDIDATES[@]}" "${RECIPE[@]}" "${LENGTH[@]}"
+    if [[ " $PARTS " == *" compare "* ]]; then
+      mkdir -p "$out/compare"
+      # shellcheck disable=SC2086
+      "$BIN/reconpatch" compare --data "configs/data/$data.yaml" --image-size "${size[@]}" --coreset-ratio "$ratio" \
+        --models ReConPatch Patchcore ReConPatchEnsemble --seed $SEEDS --out "$work"
+      cp "$work/report.json" "$work/roc.png" "$out/compare/"
+      # heatmaps.png stays behind, so its link goes too
+      sed '/^!\[heatmaps\](heatmaps.png)$/d' "$work/report.md" >"$out/compare/report.md"
+    fi
+    if [[ " $PARTS " == *" candidates "* ]]; then
+      mkdir -p "$out"
+      # shellcheck disable=SC2086
+      "$BIN/python" benchmarks/sweep.py --data "configs/data/$data.yaml" --image-size "${size[@]}" \
+        --coreset-ratio "$ratio" --seeds $SEEDS --out "$out/candidates.md" "${BASELINES[@]}" "${CANDIDATES[@]}" "${RECIPE[@]}" "${LENGTH[@]}"
+    fi
   done
 done
