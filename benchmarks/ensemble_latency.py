@@ -7,6 +7,10 @@ Both models are fitted with anomalib's Engine at ``--coreset-ratio`` (default 0.
 backbones and the banks' sizes) and exported with ``to_openvino``; then one fresh process times
 both IRs in turn on real test images at batch 1 (``benchmarks/ir_timing.py``), so a change in the
 machine's load hits them alike.
+
+In the same process it times each member's backbone alone (the resize to the model's input size and
+the frozen feature extractor, exported the same way): their sum is the least the ensemble can cost
+with these backbones, whatever its banks and maps cost.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import openvino as ov
 import torch
 from anomalib.engine import Engine
 from common import data_parser
 from ir_timing import interleaved_ms
+from torch.nn import functional as F  # noqa: N812
 
 from anomalib_reconpatch import ReConPatch, ReConPatchEnsemble
 from anomalib_reconpatch.tools.compare import build_datamodule, image_shape, load_datamodule_config
@@ -45,6 +51,12 @@ def main() -> None:
         Engine(default_root_dir=args.out / "runs", logger=False).fit(model=model, datamodule=datamodule)
         irs[name] = (model.to_openvino(args.out / f"model_{index}"), 1)
         print(f"{name}: exported, bank rows per member {[int(m.shape[0]) for m in banks(model)]}", flush=True)
+    size = image_shape(args.image_size)
+    for member in models["ReConPatchEnsemble, lite0 + lite1 + lite2"].model.members:
+        xml = args.out / f"backbone_{member.backbone}.xml"
+        example = torch.rand(1, 3, *size)
+        ov.save_model(ov.convert_model(BackbonePass(member.feature_extractor, size), example_input=example), xml)
+        irs[f"backbone alone, {member.backbone}"] = (xml, 1)
     datamodule = build_datamodule(load_datamodule_config(args.data), seed=0)
     datamodule.setup()
     images = torch.cat([batch.image for batch in datamodule.test_dataloader()])[:20]
@@ -56,6 +68,27 @@ def main() -> None:
     print("| model | ms/image | vs single |\n|---|---|---|")
     for name, ms in times.items():
         print(f"| {name} | {ms:.1f} | {ms / single:.2f}x |")
+    floor = sum(ms for name, ms in times.items() if name.startswith("backbone alone"))
+    print(f"| the three backbones alone, summed (the ensemble's floor) | {floor:.1f} | {floor / single:.2f}x |")
+
+
+class BackbonePass(torch.nn.Module):
+    """One member's feature pass alone: the bilinear resize to the model's input size, then its backbone.
+
+    Args:
+        extractor (torch.nn.Module): The member's frozen feature extractor.
+        size (tuple[int, int]): The model's input size (height, width).
+    """
+
+    def __init__(self, extractor: torch.nn.Module, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.size = size
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The backbone's feature maps of ``images`` resized to the model's input size."""
+        resized = F.interpolate(images, size=self.size, mode="bilinear", align_corners=False)
+        return tuple(self.extractor(resized).values())
 
 
 def banks(model: torch.nn.Module) -> list[torch.Tensor]:
