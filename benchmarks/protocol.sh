@@ -26,7 +26,8 @@ for name in $RUNS; do
     *) data=$name; size=(256) ;;
   esac
   for ratio in $RATIOS; do
-    out=docs/results/protocol/$name/coreset$ratio
+    # docs/ names KolektorSDD ksdd, as the README's results do
+    out=docs/results/protocol/${name/kolektorsdd/ksdd}/coreset$ratio
     work=results/protocol/$name/coreset$ratio/compare
     if [[ " $PARTS " == *" compare "* ]]; then
       mkdir -p "$out/compare"
