@@ -9,7 +9,7 @@ hands every step to this script, which records:
 - ``loss`` (what the optimizer saw) and its ``pull`` and ``push`` parts;
 - the pseudo-labels: the fraction of pairs with ``w > 0.5``, the mean of ``w``, ``w^P`` and ``w^C``
   over the pairs, their correlation, and the kernel's bandwidth ``s`` (the batch's mean squared
-  k-th-neighbour distance, in which ``sigma`` is measured);
+  k-th-neighbour distance in the space the kernel acts in);
 - two losses on one fixed probe batch that tell a moving target from a failing optimizer:
   ``fixed_target_loss``, the online network's loss against the pseudo-labels that the step-0 target
   networks gave the probe (the optimizer fitting a fixed objective makes it fall), and
@@ -49,11 +49,16 @@ def loss_parts(z: torch.Tensor, weights: torch.Tensor, margin: float) -> tuple[f
     return float(pull.sum() / len(z)), float(push.sum() / len(z))
 
 
-def label_statistics(z_target: torch.Tensor, k: int, alpha: float, sigma: float) -> dict[str, float]:
-    """The pseudo-labels of one batch of target projections, split into their pairwise and contextual parts."""
-    sq = squared_distances(z_target.float())
+def label_statistics(z_target: torch.Tensor, k: int, alpha: float, sigma: float, unit: str) -> dict[str, float]:
+    """The pseudo-labels of one batch of target projections, split into their pairwise and contextual parts.
+
+    ``unit`` is the model's ``sigma_unit``: with ``normalized`` the projections are scaled to unit length
+    and ``sigma`` is absolute; ``bandwidth`` is the k-th-neighbour scale of the space the kernel acts in.
+    """
+    z = z_target.float()
+    sq = squared_distances(torch.nn.functional.normalize(z, dim=1) if unit == "normalized" else z)
     bandwidth = knn_bandwidth(sq, k)
-    pairwise = pairwise_similarity(sq, sigma * bandwidth)
+    pairwise = pairwise_similarity(sq, sigma if unit == "normalized" else sigma * bandwidth)
     contextual = contextual_similarity(sq, k)
     weights = alpha * pairwise + (1.0 - alpha) * contextual
     off = ~torch.eye(len(sq), dtype=torch.bool)
@@ -113,7 +118,7 @@ def main() -> None:
     train = flat_patches(cache(model, datamodule.train_dataloader(), test=False)["features"])
     torch.manual_seed(args.seed)
     probe = train[torch.randperm(len(train))[: model.patches_per_step]]
-    k, alpha, sigma, margin = model.k, model.alpha, model.sigma, model.loss.margin
+    k, alpha, sigma, unit, margin = model.k, model.alpha, model.sigma, model.sigma_unit, model.loss.margin
     records: list[dict] = []
     spectra: list[dict] = []
     fixed: dict[str, object] = {}
@@ -123,9 +128,9 @@ def main() -> None:
             z_online = state.online_g(state.online_f(state.batch))
             pull, push = loss_parts(z_online, state.weights, margin)
             if not fixed:
-                fixed["weights"] = pseudo_labels(state.target_g(state.target_f(probe)), k, alpha, sigma)
+                fixed["weights"] = pseudo_labels(state.target_g(state.target_f(probe)), k, alpha, sigma, unit)
                 fixed["online"] = (copy.deepcopy(state.online_f), copy.deepcopy(state.online_g))
-            current = pseudo_labels(state.target_g(state.target_f(probe)), k, alpha, sigma)
+            current = pseudo_labels(state.target_g(state.target_f(probe)), k, alpha, sigma, unit)
             initial_f, initial_g = fixed["online"]
             fixed_loss = sum(loss_parts(state.online_g(state.online_f(probe)), fixed["weights"], margin))
             initial_loss = sum(loss_parts(initial_g(initial_f(probe)), current, margin))
@@ -137,7 +142,7 @@ def main() -> None:
                 "fixed_target_loss": float(fixed_loss),
                 "initial_online_loss": float(initial_loss),
             }
-            record.update(label_statistics(state.target_g(state.target_f(state.batch)), k, alpha, sigma))
+            record.update(label_statistics(state.target_g(state.target_f(state.batch)), k, alpha, sigma, unit))
             records.append(record)
             if state.step % SPECTRUM_EVERY == 0 or state.step + 1 == model.num_steps:
                 values = torch.linalg.svdvals(state.online_f.weight.detach()).tolist()

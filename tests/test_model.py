@@ -16,7 +16,12 @@ from torch import nn
 
 from anomalib_reconpatch import ReConPatch, ReConPatchModel
 from anomalib_reconpatch.reconpatch.search import nearest_bank_distances, nearest_bank_rows, nearest_rows
-from anomalib_reconpatch.reconpatch.similarity import knn_bandwidth, pairwise_similarity, squared_distances
+from anomalib_reconpatch.reconpatch.similarity import (
+    knn_bandwidth,
+    pairwise_similarity,
+    pseudo_labels,
+    squared_distances,
+)
 from anomalib_reconpatch.reconpatch.torch_model import centred_rotated_frame, ema_update, reweighted_image_score
 
 from .conftest import BACKBONE, LAYERS
@@ -298,6 +303,29 @@ def test_default_training_runs_as_many_steps_as_the_data_asks() -> None:
     with torch.enable_grad():
         model.train_representation(features, on_step=seen.append)
     assert len(seen) == math.ceil(2.4 * 500 / 48) == 25
+
+
+@pytest.mark.parametrize(
+    ("sigma_unit", "sigma", "expected"), [("normalized", None, 0.1), ("knn", None, 1.0), ("normalized", 0.3, 0.3)]
+)
+def test_unset_sigma_takes_its_units_default_and_a_given_one_wins(
+    sigma_unit: str, sigma: float | None, expected: float
+) -> None:
+    model = ReConPatch(backbone=BACKBONE, layers=LAYERS, pre_trained=False, sigma=sigma, sigma_unit=sigma_unit)
+    assert model.sigma == expected
+
+
+def test_default_training_labels_pairs_on_unit_length_targets_with_sigma_0_1() -> None:
+    features = torch.randn(600, 152, generator=torch.Generator().manual_seed(0))
+    model = ReConPatch(backbone=BACKBONE, layers=LAYERS, pre_trained=False, num_steps=3, patches_per_step=48)
+    seen = []
+    with torch.enable_grad():
+        model.train_representation(features, on_step=seen.append)
+    for state in seen:  # on_step runs before the update, so the targets are those that labelled the batch
+        z = state.target_g(state.target_f(state.batch))
+        expected = pseudo_labels(z, model.k, model.alpha, 0.1, "normalized")
+        assert torch.allclose(state.weights, expected)
+        assert not torch.allclose(state.weights, pseudo_labels(z, model.k, model.alpha, 1.0, "knn"))
 
 
 def test_neighbour_batches_with_normalized_sigma_train_f_on_distinct_rows() -> None:

@@ -276,9 +276,9 @@ class ReConPatchEnsemble(ReConPatch, AnomalibModule):
         k (int): As ReConPatch's. Defaults to ``5``.
         alpha (float): As ReConPatch's. Defaults to ``0.5``.
         margin (float): As ReConPatch's. Defaults to ``1.0``.
-        sigma (float): As ReConPatch's. Defaults to ``1.0``.
+        sigma (float | None): As ReConPatch's; ``None`` takes ``sigma_unit``'s default. Defaults to ``None``.
         momentum (float): As ReConPatch's. Defaults to ``0.999``.
-        sigma_unit (str): As ReConPatch's. Defaults to ``"knn"``.
+        sigma_unit (str): As ReConPatch's. Defaults to ``"normalized"``.
         batch_sampling (str): As ReConPatch's. Defaults to ``"uniform"``.
         optimizer (str): As ReConPatch's. Defaults to ``"adamp"``.
         coreset_sampling_ratio (float): As ReConPatch's, per member. Defaults to ``0.1``.
@@ -311,9 +311,9 @@ class ReConPatchEnsemble(ReConPatch, AnomalibModule):
         k: int = 5,
         alpha: float = 0.5,
         margin: float = 1.0,
-        sigma: float = 1.0,
+        sigma: float | None = None,
         momentum: float = 0.999,
-        sigma_unit: str = "knn",
+        sigma_unit: str = "normalized",
         batch_sampling: str = "uniform",
         optimizer: str = "adamp",
         coreset_sampling_ratio: float = 0.1,

@@ -84,7 +84,7 @@ from ..components.threads import ThreadChooser, torch_threads
 from .loss import RelaxedContrastiveLoss
 from .quantize import quantize_on_training_images
 from .sampling import NEIGHBOR_POOL, neighbor_groups
-from .similarity import pseudo_labels
+from .similarity import DEFAULT_SIGMA, pseudo_labels
 from .torch_model import ENSEMBLE_IMAGE_SCORES, IMAGE_SCORES, ReConPatchModel, ema_update
 from .validation import (
     ARCHITECTURE_KEY,
@@ -198,12 +198,13 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
             Defaults to ``0.5``.
         margin (float): Margin ``m`` of the relaxed contrastive loss, on relative distances.
             Defaults to ``1.0``.
-        sigma (float): Gaussian kernel width of the pairwise similarity, in units of the batch's mean
-            squared distance to the k-th neighbour (see ``docs/design/sigma-units.md``). Defaults to ``1.0``.
+        sigma (float | None): Gaussian kernel width of the pairwise similarity, in the unit that
+            ``sigma_unit`` names; ``None`` takes that unit's measured width: 0.1 for ``normalized``, 1 for
+            ``knn`` (see ``docs/design/sigma-units.md``). Defaults to ``None``.
         momentum (float): EMA momentum ``gamma`` of the target networks. Defaults to ``0.999``.
-        sigma_unit (str): Unit of ``sigma``: ``knn`` (the batch's k-th-neighbour distance) or
-            ``normalized`` (absolute, on unit-length target projections, as STML's code does).
-            Defaults to ``"knn"``.
+        sigma_unit (str): Unit of ``sigma``: ``normalized`` (absolute, on unit-length target
+            projections, as STML's code does) or ``knn`` (the batch's mean squared distance to the k-th
+            neighbour). Defaults to ``"normalized"``.
         batch_sampling (str): How training batches are drawn: ``uniform`` (independent patches) or
             ``neighbors`` (groups of ``k`` nearest patches, as STML's code does; see
             :mod:`~anomalib_reconpatch.reconpatch.sampling`). Defaults to ``"uniform"``.
@@ -270,9 +271,9 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         k: int = 5,
         alpha: float = 0.5,
         margin: float = 1.0,
-        sigma: float = 1.0,
+        sigma: float | None = None,
         momentum: float = 0.999,
-        sigma_unit: str = "knn",
+        sigma_unit: str = "normalized",
         batch_sampling: str = "uniform",
         optimizer: str = "adamp",
         coreset_sampling_ratio: float = 0.1,
@@ -310,7 +311,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         self.weight_decay = weight_decay
         self.k = k
         self.alpha = alpha
-        self.sigma = sigma
+        self.sigma = DEFAULT_SIGMA[sigma_unit] if sigma is None else sigma
         self.momentum = momentum
         self.sigma_unit = sigma_unit
         self.batch_sampling = batch_sampling

@@ -186,6 +186,8 @@ def contextual_from_neighbours(neighbours: torch.Tensor, dtype: torch.dtype = to
 
 
 SIGMA_UNITS = ("knn", "normalized")
+# The pairwise kernel width that ``sigma: null`` stands for in each unit (docs/design/sigma-units.md).
+DEFAULT_SIGMA = {"knn": 1.0, "normalized": 0.1}
 
 
 @torch.no_grad()

@@ -39,7 +39,8 @@ def validate_hyperparameters(params: dict[str, Any]) -> None:
     _check_range("k", params["k"], isinstance(params["k"], int) and params["k"] >= 1, "an integer >= 1")
     _check_range("alpha", params["alpha"], 0.0 <= params["alpha"] <= 1.0, "0 <= alpha <= 1")
     _check_range("margin", params["margin"], params["margin"] > 0, "margin > 0")
-    _check_range("sigma", params["sigma"], params["sigma"] > 0, "sigma > 0")
+    sigma = params["sigma"]
+    _check_range("sigma", sigma, sigma is None or sigma > 0, "sigma > 0, or null for the unit's default")
     _check_range("momentum", params["momentum"], 0.0 <= params["momentum"] < 1.0, "0 <= momentum < 1")
     ratio = params["coreset_sampling_ratio"]
     _check_range("coreset_sampling_ratio", ratio, 0.0 < ratio <= 1.0, "0 < ratio <= 1")
