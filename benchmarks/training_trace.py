@@ -35,9 +35,9 @@ from anomalib_reconpatch.reconpatch.loss import relaxed_contrastive_pairs
 from anomalib_reconpatch.reconpatch.similarity import (
     contextual_similarity,
     knn_bandwidth,
+    labelling_space,
     pairwise_similarity,
     pseudo_labels,
-    squared_distances,
 )
 
 SPECTRUM_EVERY = 25
@@ -55,10 +55,9 @@ def label_statistics(z_target: torch.Tensor, k: int, alpha: float, sigma: float,
     ``unit`` is the model's ``sigma_unit``: with ``normalized`` the projections are scaled to unit length
     and ``sigma`` is absolute; ``bandwidth`` is the k-th-neighbour scale of the space the kernel acts in.
     """
-    z = z_target.float()
-    sq = squared_distances(torch.nn.functional.normalize(z, dim=1) if unit == "normalized" else z)
+    sq, _, width = labelling_space(z_target, k, sigma, unit)
     bandwidth = knn_bandwidth(sq, k)
-    pairwise = pairwise_similarity(sq, sigma if unit == "normalized" else sigma * bandwidth)
+    pairwise = pairwise_similarity(sq, width)
     contextual = contextual_similarity(sq, k)
     weights = alpha * pairwise + (1.0 - alpha) * contextual
     off = ~torch.eye(len(sq), dtype=torch.bool)

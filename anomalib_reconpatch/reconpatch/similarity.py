@@ -231,6 +231,29 @@ def pseudo_labels(z_target: torch.Tensor, k: int, alpha: float, sigma: float, si
         >>> pseudo_labels(10 * z, k=1, alpha=1.0, sigma=2.0, sigma_unit="normalized")[0]
         tensor([1.0000, 0.3679, 0.3679])
     """
+    sq_dist, nearest, width = labelling_space(z_target, k, sigma, sigma_unit)
+    pairwise = pairwise_similarity(sq_dist, width)
+    return alpha * pairwise + (1.0 - alpha) * contextual_from_neighbours(nearest[:, :k], sq_dist.dtype)
+
+
+def labelling_space(
+    z_target: torch.Tensor, k: int, sigma: float, sigma_unit: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The squared distances that :func:`pseudo_labels` works on, each point's neighbours and the kernel width.
+
+    Args:
+        z_target (torch.Tensor): ``N x E`` target projections.
+        k (int): Neighbourhood size.
+        sigma (float): Pairwise kernel width, in units of :func:`knn_bandwidth` or absolute.
+        sigma_unit (str): ``knn`` or ``normalized`` (the projections scaled to unit length first).
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ``N x N`` float32 squared distances, the
+        ``N x (k + 1)`` indices of each point's nearest points (itself first), and the kernel width.
+
+    Raises:
+        ValueError: If ``sigma_unit`` is not one of ``SIGMA_UNITS``.
+    """
     if sigma_unit not in SIGMA_UNITS:
         msg = f"sigma_unit must be one of {SIGMA_UNITS}, got {sigma_unit!r}"
         raise ValueError(msg)
@@ -239,5 +262,4 @@ def pseudo_labels(z_target: torch.Tensor, k: int, alpha: float, sigma: float, si
     sq_dist = squared_distances(torch.nn.functional.normalize(z, dim=1) if normalized else z)
     nearest_sq, nearest = nearest_neighbours(sq_dist, k)
     width = torch.tensor(sigma) if normalized else sigma * bandwidth_of(nearest_sq)
-    pairwise = pairwise_similarity(sq_dist, width)
-    return alpha * pairwise + (1.0 - alpha) * contextual_from_neighbours(nearest[:, :k], sq_dist.dtype)
+    return sq_dist, nearest, width
