@@ -185,9 +185,10 @@ def contextual_from_neighbours(neighbours: torch.Tensor, dtype: torch.dtype = to
     return 0.5 * (w_hat + w_hat.T)
 
 
-SIGMA_UNITS = ("knn", "normalized")
-# The pairwise kernel width that ``sigma: null`` stands for in each unit (docs/design/sigma-units.md).
+# The units the pairwise kernel width can be given in, and the width that ``sigma: null`` stands for in
+# each (docs/design/sigma-units.md).
 DEFAULT_SIGMA = {"knn": 1.0, "normalized": 0.1}
+SIGMA_UNITS = tuple(DEFAULT_SIGMA)
 
 
 @torch.no_grad()
