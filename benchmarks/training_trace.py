@@ -33,7 +33,7 @@ from common import cache, data_parser, flat_patches, load_data
 
 from anomalib_reconpatch.reconpatch.loss import relaxed_contrastive_pairs
 from anomalib_reconpatch.reconpatch.similarity import (
-    contextual_similarity,
+    contextual_from_neighbours,
     knn_bandwidth,
     labelling_space,
     pairwise_similarity,
@@ -55,10 +55,10 @@ def label_statistics(z_target: torch.Tensor, k: int, alpha: float, sigma: float,
     ``unit`` is the model's ``sigma_unit``: with ``normalized`` the projections are scaled to unit length
     and ``sigma`` is absolute; ``bandwidth`` is the k-th-neighbour scale of the space the kernel acts in.
     """
-    sq, _, width = labelling_space(z_target, k, sigma, unit)
+    sq, nearest, width = labelling_space(z_target, k, sigma, unit)
     bandwidth = knn_bandwidth(sq, k)
     pairwise = pairwise_similarity(sq, width)
-    contextual = contextual_similarity(sq, k)
+    contextual = contextual_from_neighbours(nearest[:, :k], sq.dtype)
     weights = alpha * pairwise + (1.0 - alpha) * contextual
     off = ~torch.eye(len(sq), dtype=torch.bool)
     p, c, w = pairwise[off], contextual[off], weights[off]
