@@ -7,8 +7,10 @@ the ensemble is the mean of the standardised members, exactly as ``ReConPatchEns
 combines them. ``num_steps=0`` is the untrained ensemble, which tells the ensemble's gain from the
 training's; ``default`` trains as long as the model's default does. More rows score images otherwise,
 with the same maps: each backbone by the largest pixel of its map, and the ensemble by the largest
-standardised member score and by the largest pixel of its map. Ends with a mean ± sd table over the
-seeds; ``--out`` writes it as Markdown.
+standardised member score and by the largest pixel of its map. With three or more backbones, every
+pair of them is a two-backbone ensemble too, combined from the same fitted members (each member
+trains under the seed itself, whatever trained before it). Ends with a mean ± sd table over the seeds;
+``--out`` writes it as Markdown.
 
     python benchmarks/ensemble.py --data configs/data/kolektorsdd.yaml --seeds 0 1 2 \
         --num-steps default 0 --out docs/results/ensemble/kolektorsdd.md
@@ -16,6 +18,7 @@ seeds; ``--out`` writes it as Markdown.
 
 from __future__ import annotations
 
+import itertools
 import shlex
 import sys
 import time
@@ -95,6 +98,17 @@ def main() -> None:
                 metrics = evaluate(image_scores, ensemble_map, test, pixel=not name)
                 rows.setdefault(f"ensemble of {len(args.backbones)}{name}, num_steps={label}", []).append(metrics)
                 print(f"seed {seed} num_steps {label} ensemble{name} {fmt(metrics)}", flush=True)
+            for members in itertools.combinations(range(len(args.backbones)), 2) if len(args.backbones) > 2 else ():
+                pair = " + ".join(args.backbones[i].removeprefix("tf_efficientnet_") for i in members)
+                pair_map = torch.stack([standardised_maps[i] for i in members]).mean(0)
+                pair_scores = {
+                    "": torch.stack([standardised_scores[i] for i in members]).mean(0),
+                    " (image score: largest map pixel)": largest_pixel(pair_map),
+                }
+                for name, image_scores in pair_scores.items():
+                    metrics = evaluate(image_scores, pair_map, test, pixel=not name)
+                    rows.setdefault(f"ensemble of {pair}{name}, num_steps={label}", []).append(metrics)
+                    print(f"seed {seed} num_steps {label} ensemble of {pair}{name} {fmt(metrics)}", flush=True)
     command = f"`python {shlex.join(sys.argv)}`"
     header = f"{args.data.stem}, coreset ratio {args.coreset_ratio}, seeds {args.seeds}"
     write_report(f"{command}\n\n{header}\n\n{mean_sd_table('model', rows)}", args.out)
