@@ -167,6 +167,35 @@ class RepresentationStep:
     target_g: nn.Module
 
 
+@dataclass
+class RepresentationNetworks:
+    """What representation training's steps read and update (:meth:`ReConPatch.representation_networks`).
+
+    Attributes:
+        online_f (nn.Linear): The representation being trained (the model's own).
+        online_g (nn.Linear): The projection being trained (discarded after training).
+        target_f (nn.Linear): The EMA copy of ``f``, which computes the pseudo-labels.
+        target_g (nn.Linear): The EMA copy of ``g``.
+        optimizer (torch.optim.Optimizer): The online networks' optimizer.
+        scheduler (torch.optim.lr_scheduler.LRScheduler): Its learning-rate schedule.
+    """
+
+    online_f: nn.Linear
+    online_g: nn.Linear
+    target_f: nn.Linear
+    target_g: nn.Linear
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    def modules(self) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+        """The online ``f`` and ``g``, then the target ``f`` and ``g``."""
+        return self.online_f, self.online_g, self.target_f, self.target_g
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The online networks' parameters, which the optimizer updates."""
+        return [*self.online_f.parameters(), *self.online_g.parameters()]
+
+
 class ReConPatch(MemoryBankMixin, AnomalibModule):
     """ReConPatch: contrastive patch representation learning on top of PatchCore features.
 
@@ -608,18 +637,10 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         if n <= self.k:
             msg = f"ReConPatch needs more than k={self.k} training patches, got {n}: add images or lower --model.k."
             raise ValueError(msg)
-        online_f = self.model.representation
-        online_g = nn.Linear(online_f.out_features, self.projection_dim).to(self.device)
-        parameters = [*online_f.parameters(), *online_g.parameters()]
-        broadcast_parameters(parameters)  # every rank starts from rank 0's g (and f)
-        target_f, target_g = (
-            copy.deepcopy(online_f).requires_grad_(False),
-            copy.deepcopy(online_g).requires_grad_(False),
-        )
         ranks = world()[1]
         total = int(all_sum(torch.tensor([n]))[0])
         steps = representation_steps(total, self.patches_per_step * ranks, self.num_steps)
-        optimizer, scheduler = self.configure_representation_optimizer(parameters, steps)
+        networks = self.representation_networks(steps)
         batch_size = min(self.patches_per_step, n)
         tick = time.perf_counter()
         chooser = ThreadChooser(torch.get_num_threads())
@@ -629,10 +650,9 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
                 if threads != torch.get_num_threads():
                     torch.set_num_threads(threads)
                 step_start = time.perf_counter()
-                x = self.draw_batch(features, batch_size, target_f)
-                with torch.no_grad():
-                    weights = pseudo_labels(target_g(target_f(x)), self.k, self.alpha, self.sigma, self.sigma_unit)
-                loss = self.loss(online_g(online_f(x)), weights)
+                x = self.draw_batch(features, batch_size, networks.target_f)
+                weights = self.representation_labels(networks, x)
+                loss = self.representation_loss(networks, x, weights)
                 value = loss.item() if ranks == 1 else all_sum(loss.detach()).item() / ranks
                 if not math.isfinite(value):
                     msg = (
@@ -641,21 +661,84 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
                     )
                     raise FloatingPointError(msg)
                 if on_step is not None:
-                    on_step(RepresentationStep(step, x, weights, value, online_f, online_g, target_f, target_g))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                average_gradients(parameters)
-                optimizer.step()
-                scheduler.step()
-                ema_update(target_f, online_f, self.momentum)
-                ema_update(target_g, online_g, self.momentum)
+                    on_step(RepresentationStep(step, x, weights, value, *networks.modules()))
+                self.representation_update(networks, loss)
                 chooser.record(step, time.perf_counter() - step_start)
                 update(step + 1, loss=value)
                 if time.perf_counter() - tick > 10 or step + 1 == steps:
                     logger.info("ReConPatch representation step %d/%d, loss %.4f", step + 1, steps, value)
                     tick = time.perf_counter()
-        online_f.requires_grad_(False)
+        networks.online_f.requires_grad_(False)
         return REPRESENTATION_THREADS or chooser.verdict
+
+    def representation_networks(self, steps: int) -> RepresentationNetworks:
+        """The online ``f`` (the model's own) and a new ``g``, their EMA targets, optimizer and schedule.
+
+        Every rank starts from rank 0's ``g`` (and ``f``), whose random initialisations may differ.
+
+        Args:
+            steps (int): The training's step count, over which the learning rate is annealed.
+
+        Returns:
+            RepresentationNetworks: What a training step reads and updates.
+        """
+        online_f = self.model.representation
+        online_g = nn.Linear(online_f.out_features, self.projection_dim).to(self.device)
+        parameters = [*online_f.parameters(), *online_g.parameters()]
+        broadcast_parameters(parameters)
+        optimizer, scheduler = self.configure_representation_optimizer(parameters, steps)
+        return RepresentationNetworks(
+            online_f=online_f,
+            online_g=online_g,
+            target_f=copy.deepcopy(online_f).requires_grad_(False),
+            target_g=copy.deepcopy(online_g).requires_grad_(False),
+            optimizer=optimizer,
+            scheduler=scheduler,
+        )
+
+    @torch.no_grad()
+    def representation_labels(self, networks: RepresentationNetworks, x: torch.Tensor) -> torch.Tensor:
+        """A batch's pseudo-labels, from the target networks (no gradient).
+
+        Args:
+            networks (RepresentationNetworks): The training's networks.
+            x (torch.Tensor): ``B x D`` patch features.
+
+        Returns:
+            torch.Tensor: ``B x B`` pseudo-labels.
+        """
+        z_target = networks.target_g(networks.target_f(x))
+        return pseudo_labels(z_target, self.k, self.alpha, self.sigma, self.sigma_unit)
+
+    def representation_loss(
+        self, networks: RepresentationNetworks, x: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """The online networks' relaxed contrastive loss on a batch, with its graph for the update.
+
+        Args:
+            networks (RepresentationNetworks): The training's networks.
+            x (torch.Tensor): ``B x D`` patch features.
+            weights (torch.Tensor): Their ``B x B`` pseudo-labels.
+
+        Returns:
+            torch.Tensor: The scalar loss.
+        """
+        return self.loss(networks.online_g(networks.online_f(x)), weights)
+
+    def representation_update(self, networks: RepresentationNetworks, loss: torch.Tensor) -> None:
+        """One optimizer step on the online networks (gradients averaged over ranks), then the EMA update.
+
+        Args:
+            networks (RepresentationNetworks): The training's networks.
+            loss (torch.Tensor): The step's loss, from :meth:`representation_loss`.
+        """
+        networks.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(networks.parameters())
+        networks.optimizer.step()
+        networks.scheduler.step()
+        ema_update(networks.target_f, networks.online_f, self.momentum)
+        ema_update(networks.target_g, networks.online_g, self.momentum)
 
     def draw_batch(
         self, features: torch.Tensor | SpilledFeatures, batch_size: int, target_f: nn.Module
