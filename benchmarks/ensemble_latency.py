@@ -67,7 +67,7 @@ def main() -> None:
         irs[name] = (model.to_openvino(args.out / f"model_{index}"), 1)
         print(f"{name}: exported, bank rows per member {[int(m.shape[0]) for m in banks(model)]}", flush=True)
     size = image_shape(args.image_size)
-    members = {member.backbone: member for model in models.values() for member in getattr(model, "members", [])}
+    members = {member.backbone: member for model in models.values() for member in getattr(model.model, "members", [])}
     for member in members.values():
         xml = args.out / f"backbone_{member.backbone}.xml"
         example = torch.rand(1, 3, *size)
@@ -90,8 +90,8 @@ def main() -> None:
         *(f"| {name} | {ms:.1f} | {ms / single:.2f}x |" for name, ms in times.items()),
     ]
     for name, model in models.items():
-        if hasattr(model, "members"):
-            floor = sum(times[f"backbone alone, {member.backbone}"] for member in model.members)
+        if hasattr(model.model, "members"):
+            floor = sum(times[f"backbone alone, {member.backbone}"] for member in model.model.members)
             lines.append(f"| backbones of {name} alone, summed (its floor) | {floor:.1f} | {floor / single:.2f}x |")
     write_report("\n".join(lines) + "\n", args.table)
 
