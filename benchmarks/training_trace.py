@@ -33,8 +33,8 @@ from common import cache, data_parser, flat_patches, load_data
 
 from anomalib_reconpatch.reconpatch.loss import relaxed_contrastive_pairs
 from anomalib_reconpatch.reconpatch.similarity import (
+    bandwidth_of,
     contextual_from_neighbours,
-    knn_bandwidth,
     labelling_space,
     pairwise_similarity,
     pseudo_labels,
@@ -56,7 +56,7 @@ def label_statistics(z_target: torch.Tensor, k: int, alpha: float, sigma: float,
     and ``sigma`` is absolute; ``bandwidth`` is the k-th-neighbour scale of the space the kernel acts in.
     """
     sq, nearest, width = labelling_space(z_target, k, sigma, unit)
-    bandwidth = knn_bandwidth(sq, k)
+    bandwidth = bandwidth_of(sq.gather(1, nearest))  # the neighbours' distances, as knn_bandwidth takes them
     pairwise = pairwise_similarity(sq, width)
     contextual = contextual_from_neighbours(nearest[:, :k], sq.dtype)
     weights = alpha * pairwise + (1.0 - alpha) * contextual
