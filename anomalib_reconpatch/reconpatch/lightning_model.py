@@ -613,10 +613,12 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
     ) -> int | None:
         """Train ``f`` (kept) and ``g`` (discarded) with the relaxed contrastive loss on random patch mini-batches.
 
-        Each step draws ``patches_per_step`` patches (``batch_sampling``: independently, with
-        replacement, or in nearest-neighbour groups), computes their pseudo-labels on the EMA target
-        networks, takes one optimizer step on the online networks and updates the targets with
-        ``momentum``. ``f`` is frozen at the end.
+        Each step draws ``patches_per_step`` patches (:meth:`draw_batch`; ``batch_sampling``:
+        independently, with replacement, or in nearest-neighbour groups), computes their pseudo-labels on
+        the EMA target networks (:meth:`representation_labels`) and the online networks' loss
+        (:meth:`representation_loss`), takes one optimizer step and updates the targets with ``momentum``
+        (:meth:`representation_update`). The parts are methods so that ``benchmarks/step_phases.py`` can
+        time the very step the model runs. ``f`` is frozen at the end.
 
         Args:
             features (torch.Tensor | SpilledFeatures): ``N x D`` training patch features, in memory or
