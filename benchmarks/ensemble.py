@@ -88,27 +88,22 @@ def main() -> None:
                 print(f"seed {seed} num_steps {label} {backbone:24s} {fmt(metrics)} {time.perf_counter() - start:.0f}s")
                 standardised_scores.append(standardise(scores, *map(torch.tensor, member.score_statistics)))
                 standardised_maps.append(standardise(maps, *map(torch.tensor, member.map_statistics)))
-            ensemble_map = torch.stack(standardised_maps).mean(0)
-            combinations = {
-                "": torch.stack(standardised_scores).mean(0),
-                " (image score: largest member score)": torch.stack(standardised_scores).amax(0),
-                " (image score: largest map pixel)": largest_pixel(ensemble_map),
-            }
-            for name, image_scores in combinations.items():
-                metrics = evaluate(image_scores, ensemble_map, test, pixel=not name)
-                rows.setdefault(f"ensemble of {len(args.backbones)}{name}, num_steps={label}", []).append(metrics)
-                print(f"seed {seed} num_steps {label} ensemble{name} {fmt(metrics)}", flush=True)
-            for members in itertools.combinations(range(len(args.backbones)), 2) if len(args.backbones) > 2 else ():
-                pair = " + ".join(args.backbones[i].removeprefix("tf_efficientnet_") for i in members)
-                pair_map = torch.stack([standardised_maps[i] for i in members]).mean(0)
-                pair_scores = {
-                    "": torch.stack([standardised_scores[i] for i in members]).mean(0),
-                    " (image score: largest map pixel)": largest_pixel(pair_map),
-                }
-                for name, image_scores in pair_scores.items():
-                    metrics = evaluate(image_scores, pair_map, test, pixel=not name)
-                    rows.setdefault(f"ensemble of {pair}{name}, num_steps={label}", []).append(metrics)
-                    print(f"seed {seed} num_steps {label} ensemble of {pair}{name} {fmt(metrics)}", flush=True)
+            everyone = tuple(range(len(args.backbones)))
+            pairs = list(itertools.combinations(everyone, 2)) if len(everyone) > 2 else []
+            for members in [everyone, *pairs]:
+                whole = members == everyone
+                ensemble_map = torch.stack([standardised_maps[i] for i in members]).mean(0)
+                member_scores = torch.stack([standardised_scores[i] for i in members])
+                combinations = {"": member_scores.mean(0)}
+                if whole:
+                    combinations[" (image score: largest member score)"] = member_scores.amax(0)
+                combinations[" (image score: largest map pixel)"] = largest_pixel(ensemble_map)
+                short = (args.backbones[i].removeprefix("tf_efficientnet_") for i in members)
+                label_of = f"ensemble of {len(members)}" if whole else "ensemble of " + " + ".join(short)
+                for name, image_scores in combinations.items():
+                    metrics = evaluate(image_scores, ensemble_map, test, pixel=not name)
+                    rows.setdefault(f"{label_of}{name}, num_steps={label}", []).append(metrics)
+                    print(f"seed {seed} num_steps {label} {label_of}{name} {fmt(metrics)}", flush=True)
     command = f"`python {shlex.join(sys.argv)}`"
     header = f"{args.data.stem}, coreset ratio {args.coreset_ratio}, seeds {args.seeds}"
     write_report(f"{command}\n\n{header}\n\n{mean_sd_table('model', rows)}", args.out)
