@@ -6,7 +6,7 @@ import argparse
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +15,11 @@ import torch
 
 from anomalib_reconpatch import ReConPatch
 from anomalib_reconpatch.tools.compare import build_datamodule, image_shape, load_datamodule_config
+
+
+def short_names(backbones: Iterable[str]) -> str:
+    """Backbone names joined with " + ", without the ``tf_efficientnet_`` prefix that they all share."""
+    return " + ".join(name.removeprefix("tf_efficientnet_") for name in backbones)
 
 
 def data_parser(description: str | None) -> argparse.ArgumentParser:

@@ -25,7 +25,17 @@ import time
 from pathlib import Path
 
 import torch
-from common import cache, data_parser, evaluate, flat_patches, load_data, mean_sd_table, score, write_report
+from common import (
+    cache,
+    data_parser,
+    evaluate,
+    flat_patches,
+    load_data,
+    mean_sd_table,
+    score,
+    short_names,
+    write_report,
+)
 
 from anomalib_reconpatch.components.coreset import FastKCenterGreedy
 from anomalib_reconpatch.reconpatch.anomaly_map import largest_pixel
@@ -98,8 +108,8 @@ def main() -> None:
                 if whole:
                     combinations[" (image score: largest member score)"] = member_scores.amax(0)
                 combinations[" (image score: largest map pixel)"] = largest_pixel(ensemble_map)
-                short = (args.backbones[i].removeprefix("tf_efficientnet_") for i in members)
-                label_of = f"ensemble of {len(members)}" if whole else "ensemble of " + " + ".join(short)
+                short = short_names(args.backbones[i] for i in members)
+                label_of = f"ensemble of {len(members)}" if whole else f"ensemble of {short}"
                 for name, image_scores in combinations.items():
                     metrics = evaluate(image_scores, ensemble_map, test, pixel=not name)
                     rows.setdefault(f"{label_of}{name}, num_steps={label}", []).append(metrics)

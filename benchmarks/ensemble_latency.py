@@ -27,7 +27,7 @@ import numpy as np
 import openvino as ov
 import torch
 from anomalib.engine import Engine
-from common import data_parser, write_report
+from common import data_parser, short_names, write_report
 from ir_timing import interleaved_ms
 from torch.nn import functional as F  # noqa: N812
 
@@ -56,8 +56,7 @@ def main() -> None:
     models = {"ReConPatch, tf_efficientnet_lite0": ReConPatch(backbone="tf_efficientnet_lite0", **settings)}
     for backbones in args.ensembles:
         names = backbones.split(",")
-        short = " + ".join(name.removeprefix("tf_efficientnet_") for name in names)
-        models[f"ReConPatchEnsemble, {short}"] = ReConPatchEnsemble(backbones=names, **settings)
+        models[f"ReConPatchEnsemble, {short_names(names)}"] = ReConPatchEnsemble(backbones=names, **settings)
     irs = {}
     for index, (name, model) in enumerate(models.items()):
         torch.manual_seed(0)

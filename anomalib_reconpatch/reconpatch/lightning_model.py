@@ -192,8 +192,8 @@ class RepresentationNetworks:
         return self.online_f, self.online_g, self.target_f, self.target_g
 
     def parameters(self) -> list[nn.Parameter]:
-        """The online networks' parameters, which the optimizer updates."""
-        return [*self.online_f.parameters(), *self.online_g.parameters()]
+        """The online networks' parameters: those the optimizer updates."""
+        return [parameter for group in self.optimizer.param_groups for parameter in group["params"]]
 
 
 class ReConPatch(MemoryBankMixin, AnomalibModule):
