@@ -167,6 +167,13 @@ def test_checkpoint_round_trip_and_a_single_models_checkpoint_is_refused(ensembl
         ReConPatchEnsemble.load_from_checkpoint(path, backbones=BACKBONES[:1])
     with pytest.raises(ValueError, match="but a ReConPatchEnsemble's: load it with --model ReConPatchEnsemble"):
         ReConPatch.load_from_checkpoint(path, backbone=BACKBONE, layers=LAYERS)
+    checkpoint = torch.load(path, weights_only=False)
+    rebuilt = ReConPatchEnsemble(backbones=BACKBONES, layers=LAYERS, image_score="map")
+    with pytest.raises(ValueError, match=r"image_score='members'.*--model\.image_score members"):
+        rebuilt.on_load_checkpoint(checkpoint)
+    del checkpoint["hyper_parameters"]["image_score"]
+    rebuilt.on_load_checkpoint(checkpoint)
+    assert rebuilt.model.image_score == rebuilt.hparams["image_score"] == "members"
 
 
 def test_compare_builds_the_ensemble_on_its_own_backbones(lite_weights_all: None) -> None:

@@ -263,6 +263,33 @@ def test_a_checkpoint_can_be_rescored_by_its_map(trained: tuple, tmp_path: Path)
     assert torch.equal(rescored.model.memory_bank, model.model.memory_bank)
 
 
+def test_testing_a_checkpoint_under_another_image_score_is_refused_naming_the_flag(
+    trained: tuple, tmp_path: Path
+) -> None:
+    # anomalib test --ckpt_path builds the model from the command line, then restores the checkpoint into it
+    _, engine, datamodule, _, _ = trained
+    path = tmp_path / "reconpatch.ckpt"
+    engine.trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)["hyper_parameters"]["image_score"]
+    other = next(score for score in ("patches", "map") if score != saved)
+    rebuilt = ReConPatch(backbone=BACKBONE, layers=LAYERS, image_score=other)
+    tester = Engine(default_root_dir=tmp_path / "results", logger=False)
+    expected = rf"image_score='{saved}' and its image threshold.*--model\.image_score {saved}"
+    with pytest.raises(ValueError, match=expected):
+        tester.test(model=rebuilt, datamodule=datamodule, ckpt_path=path)
+
+
+def test_a_checkpoint_from_before_the_image_score_setting_keeps_patchcores(trained: tuple, tmp_path: Path) -> None:
+    _, engine, _, _, _ = trained
+    path = tmp_path / "reconpatch.ckpt"
+    engine.trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    del checkpoint["hyper_parameters"]["image_score"]
+    rebuilt = ReConPatch(backbone=BACKBONE, layers=LAYERS, image_score="map")
+    rebuilt.on_load_checkpoint(checkpoint)
+    assert rebuilt.model.image_score == rebuilt.hparams["image_score"] == "patches"
+
+
 def test_the_step_hook_sees_every_step_and_leaves_the_training_unchanged() -> None:
     features = torch.randn(600, 152, generator=torch.Generator().manual_seed(0))
 

@@ -41,7 +41,13 @@ from ..components.progress import stop_if_terminated
 from .anomaly_map import largest_pixel
 from .lightning_model import ReConPatch
 from .torch_model import ENSEMBLE_IMAGE_SCORES, IMAGE_SCORES, ReConPatchModel
-from .validation import ENSEMBLE_KEY, _check_range, check_image_score, validate_hyperparameters
+from .validation import (
+    ENSEMBLE_KEY,
+    _check_range,
+    check_image_score,
+    check_image_score_matches,
+    validate_hyperparameters,
+)
 
 DEFAULT_BACKBONES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 
@@ -404,13 +410,13 @@ class ReConPatchEnsemble(ReConPatch, AnomalibModule):
         checkpoint[ENSEMBLE_KEY] = self.architecture()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another model or other backbones, saying how to load it.
+        """Refuse a checkpoint of another model, other backbones or another image score, saying how to load it.
 
         Args:
             checkpoint (dict[str, Any]): Checkpoint being loaded.
 
         Raises:
-            ValueError: If the checkpoint is not an ensemble's, or its backbones or layers differ.
+            ValueError: If the checkpoint is not an ensemble's, or its backbones, layers or image score differ.
         """
         saved = checkpoint.get(ENSEMBLE_KEY)
         if saved is None:
@@ -428,6 +434,7 @@ class ReConPatchEnsemble(ReConPatch, AnomalibModule):
                 "(or call ReConPatchEnsemble.load_from_checkpoint(path) without overriding them)."
             )
             raise ValueError(msg)
+        check_image_score_matches(self, checkpoint, before="members")
         AnomalibModule.on_load_checkpoint(self, checkpoint)
 
     def architecture(self) -> dict[str, Any]:

@@ -91,6 +91,7 @@ from .validation import (
     architecture,
     check_checkpoint_matches,
     check_image_score,
+    check_image_score_matches,
     check_training_size,
     validate_hyperparameters,
 )
@@ -795,15 +796,16 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         checkpoint[ARCHITECTURE_KEY] = architecture(self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint from another backbone, layer set or feature size, saying what to pass.
+        """Refuse a checkpoint from another backbone, layer set, feature size or image score, saying what to pass.
 
         Args:
             checkpoint (dict[str, Any]): Checkpoint being loaded.
 
         Raises:
-            ValueError: If the checkpoint's architecture differs from the model's.
+            ValueError: If the checkpoint's architecture or image score differs from the model's.
         """
         check_checkpoint_matches(self, checkpoint)
+        check_image_score_matches(self, checkpoint, before="patches")
         super().on_load_checkpoint(checkpoint)
 
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:

@@ -90,6 +90,40 @@ def check_image_score(value: str, own: tuple[str, ...], model: str, others: tupl
     _check_range("image_score", value, False, "one of " + ", ".join(own))
 
 
+def check_image_score_matches(module: Any, checkpoint: dict[str, Any], before: str) -> None:
+    """Keep a checkpoint's image score with the image threshold that was calibrated on it.
+
+    ``load_from_checkpoint`` writes its overrides into the checkpoint's ``hyper_parameters`` before this
+    hook runs, so the two differ only when the model was built apart from the checkpoint, as ``anomalib
+    test --ckpt_path`` builds it from the command line: scoring with another ``image_score`` would compare
+    the new scores with the old score's threshold, and every image label would follow the wrong scale.
+    A checkpoint written before the setting existed scored images as ``before``, and the model takes that.
+
+    Args:
+        module (Any): The Lightning module (``ReConPatch`` or ``ReConPatchEnsemble``) being loaded.
+        checkpoint (dict[str, Any]): The loaded checkpoint dictionary.
+        before (str): The score of checkpoints without an ``image_score`` setting.
+
+    Raises:
+        ValueError: If the checkpoint's ``image_score`` differs from the model's; the message gives the flag.
+    """
+    params = checkpoint.get("hyper_parameters") or {}
+    saved = params.get("image_score", before)
+    if "image_score" not in params:
+        module.model.image_score = saved
+        module.hparams["image_score"] = saved
+    own = module.hparams["image_score"]
+    if saved != own:
+        name = type(module).__name__
+        msg = (
+            f"This checkpoint scores images by image_score={saved!r} and its image threshold was calibrated on "
+            f"that score, but the model it is loaded into has image_score={own!r}: pass --model.image_score "
+            f"{saved} (or rescore it on purpose with {name}.load_from_checkpoint(path, image_score={own!r}) "
+            "and calibrate its threshold again)."
+        )
+        raise ValueError(msg)
+
+
 def check_training_size(module: Any, datamodule: Any, scan: ImageScan) -> None:
     """Stop before feature extraction when the training set cannot give ``k + 1`` patches or one coreset point.
 
