@@ -68,20 +68,21 @@ def test_openvino_matches_torch_at_any_batch(exported: tuple, demo_root: Path, b
     assert np.abs(amap - ref_map).max() <= 1e-2 * map_range
 
 
-def test_a_map_scored_model_exports_its_image_score(exported: tuple, demo_root: Path, tmp_path: Path) -> None:
+def test_a_patch_scored_model_exports_patchcores_image_score(exported: tuple, demo_root: Path, tmp_path: Path) -> None:
+    # the default scores by the map (the parity test above); PatchCore's re-weighting needs the support table
     model = copy.deepcopy(exported[0]).eval()
-    model.model.image_score = "map"
+    model.model.image_score = "patches"
     xml = model.to_openvino(tmp_path / "openvino")
     compiled = load_compiled_model(xml)
     images = torch.cat([raw_images(demo_root, "test/good", 1), raw_images(demo_root, "test/scratch", 2)])
     with torch.no_grad():
         reference = model(images)
-        by_patches = exported[0](images)
+        by_map = exported[0](images)
     result = compiled(images.numpy())
     score, amap = result[compiled.output("pred_score")], result[compiled.output("anomaly_map")]
     assert np.abs(score - reference.pred_score.numpy()).max() <= 1e-3
-    assert not np.allclose(score, by_patches.pred_score.numpy(), atol=1e-3)
-    assert np.abs(amap - by_patches.anomaly_map.numpy()).max() <= 1e-2 * np.ptp(by_patches.anomaly_map.numpy())
+    assert not np.allclose(score, by_map.pred_score.numpy(), atol=1e-3)
+    assert np.abs(amap - by_map.anomaly_map.numpy()).max() <= 1e-2 * np.ptp(by_map.anomaly_map.numpy())
 
 
 def enlarged_images(root: Path, size: tuple[int, int]) -> torch.Tensor:
@@ -155,10 +156,10 @@ def test_int8_ptq_through_the_stock_cli_calibrates_on_training_images_and_keeps_
     result = json.loads(scored.stdout.strip().splitlines()[-1])
     assert "FakeQuantize" in result["ops"]  # really quantized, not a silent FP32 copy
     bank_rows, dim = model.model.memory_bank.shape  # quantized: the 1x1 convolutions against the bank, nothing else
-    rows = sorted(rows for rows, _ in result["quantized"])
-    assert rows[-1] == bank_rows  # the top patch's neighbour, one convolution over the whole bank
-    assert len(rows) - 1 == math.ceil(bank_rows / SEARCH_CHUNK)  # the patch search, one per bank chunk
-    assert sum(rows[:-1]) == bank_rows
+    rows = [rows for rows, _ in result["quantized"]]
+    assert model.model.image_score == "map"  # no re-weighting, so no search for the top patch's neighbour
+    assert len(rows) == math.ceil(bank_rows / SEARCH_CHUNK)  # the patch search, one per bank chunk
+    assert sum(rows) == bank_rows
     assert {d for _, d in result["quantized"]} == {dim}
     assert result["fed"] == ["Convolution"]
     auroc = {}

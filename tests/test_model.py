@@ -239,27 +239,28 @@ def test_checkpoint_round_trip_gives_identical_scores(trained: tuple, tmp_path: 
 
 def test_the_map_image_score_is_the_largest_pixel_of_the_same_map(trained: tuple, demo_root: Path) -> None:
     model = trained[0].eval()
+    assert model.model.image_score == "map"  # the default
     images = demo_images(demo_root, "test/patch", 3)
     with torch.no_grad():
-        by_patches = model.model(images)
-        model.model.image_score = "map"
+        by_map = model.model(images)
+        model.model.image_score = "patches"
         try:
-            by_map = model.model(images)
+            by_patches = model.model(images)
         finally:
-            model.model.image_score = "patches"
+            model.model.image_score = "map"
     assert torch.equal(by_map.anomaly_map, by_patches.anomaly_map)
     assert torch.equal(by_map.pred_score, by_patches.anomaly_map.flatten(1).amax(1))
     assert not torch.allclose(by_map.pred_score, by_patches.pred_score)
 
 
-def test_a_checkpoint_can_be_rescored_by_its_map(trained: tuple, tmp_path: Path) -> None:
+def test_a_checkpoint_can_be_rescored_by_patchcores_image_score(trained: tuple, tmp_path: Path) -> None:
     model, engine, _, _, _ = trained
     path = tmp_path / "reconpatch.ckpt"
     engine.trainer.save_checkpoint(path)
-    assert ReConPatch.load_from_checkpoint(path).model.image_score == "patches"
-    rescored = ReConPatch.load_from_checkpoint(path, image_score="map")
-    assert rescored.hparams["image_score"] == "map"
-    assert rescored.model.image_score == "map"
+    assert ReConPatch.load_from_checkpoint(path).model.image_score == "map"
+    rescored = ReConPatch.load_from_checkpoint(path, image_score="patches")
+    assert rescored.hparams["image_score"] == "patches"
+    assert rescored.model.image_score == "patches"
     assert torch.equal(rescored.model.memory_bank, model.model.memory_bank)
 
 

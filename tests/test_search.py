@@ -98,7 +98,8 @@ def test_unknown_search_is_rejected_naming_the_option() -> None:
 
 
 def banked_model(bank: torch.Tensor, kind: str) -> ReConPatch:
-    model = ReConPatch(backbone=BACKBONE, layers=LAYERS, search=kind, visualizer=False)
+    # PatchCore's image score: the one that the refinement of each image's top patches keeps exact
+    model = ReConPatch(backbone=BACKBONE, layers=LAYERS, search=kind, visualizer=False, image_score="patches")
     model.model.memory_bank = bank.clone()
     return model.eval()
 

@@ -115,11 +115,13 @@ class TrainingStatistics:
 class EnsembleMember(ReConPatch):
     """One backbone of the ensemble: a ReConPatch that also scores its training images after choosing its bank.
 
-    It has no pre- or post-processor, evaluator or visualizer of its own: the ensemble's apply.
+    It has no pre- or post-processor, evaluator or visualizer of its own: the ensemble's apply. Its image
+    score is PatchCore's, whose standardised mean over the members is the ensemble's default score.
     """
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(pre_processor=False, post_processor=False, evaluator=False, visualizer=False, **kwargs)
+        quiet = {"pre_processor": False, "post_processor": False, "evaluator": False, "visualizer": False}
+        super().__init__(**quiet, image_score="patches", **kwargs)
         self.grid: tuple[int, int] | None = None
         self.image_size: tuple[int, int] | None = None
         self.score_statistics = (0.0, 1.0)

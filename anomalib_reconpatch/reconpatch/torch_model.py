@@ -188,9 +188,9 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         search (str): Nearest-neighbour search of the Python path: ``exact`` (torch) or a faiss index
             (``hnsw``, ``ivf``), built lazily from the bank and never saved. Export always traces exact.
             Defaults to ``"exact"``.
-        image_score (str): One of ``IMAGE_SCORES``: ``patches`` is PatchCore's score (the largest patch
-            distance, re-weighted by its bank neighbour's isolation), ``map`` the largest pixel of the
-            anomaly map. Defaults to ``"patches"``.
+        image_score (str): One of ``IMAGE_SCORES``: ``map`` is the largest pixel of the anomaly map,
+            ``patches`` PatchCore's score (the largest patch distance, re-weighted by its bank neighbour's
+            isolation). Defaults to ``"map"``.
 
     Example:
         >>> import torch
@@ -216,7 +216,7 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         embedding_dim: int | None = None,
         num_neighbors: int = 9,
         search: str = "exact",
-        image_score: str = "patches",
+        image_score: str = "map",
     ) -> None:
         super().__init__()
         self.search = search
