@@ -79,6 +79,10 @@ def test_report_holds_every_field(report: tuple[Path, dict]) -> None:
         assert (out / name).stat().st_size > 1000
     assert "| image_AUROC |" in (out / "report.md").read_text()
     assert "128x96 px (height x width)" in (out / "report.md").read_text()
+    assert (
+        "ReConPatch by the largest pixel of its anomaly map (image_score=map); Patchcore by its largest"
+        in (out / "report.md").read_text()
+    )
 
 
 def test_report_numbers_are_the_engines(report: tuple[Path, dict]) -> None:

@@ -269,6 +269,42 @@ def ensemble_note(models: Sequence[str]) -> str:
     return f" (ReConPatchEnsemble: {', '.join(f'`{name}`' for name in DEFAULT_BACKBONES)})"
 
 
+def image_score_note(settings: CompareSettings) -> str:
+    """Say how each compared model scores an image: image AUROC depends on that as much as on the features.
+
+    Args:
+        settings (CompareSettings): The comparison's settings; ``reconpatch_args`` may set ``image_score``.
+
+    Returns:
+        str: One sentence for the report, or ``""`` when no compared model is described.
+    """
+    import inspect
+
+    from ...reconpatch.ensemble import ReConPatchEnsemble
+    from ...reconpatch.lightning_model import ReConPatch
+
+    ways = {
+        "map": "the largest pixel of its anomaly map",
+        "patches": "its largest patch distance, re-weighted as in PatchCore",
+        "members": "the mean of its members' standardised PatchCore scores",
+    }
+    classes = {"ReConPatch": ReConPatch, "ReConPatchEnsemble": ReConPatchEnsemble}
+    parts = []
+    for name in settings.models:
+        if name == "Patchcore":
+            parts.append(f"Patchcore by {ways['patches']}")
+        elif name in classes:
+            default = inspect.signature(classes[name]).parameters["image_score"].default
+            score = settings.reconpatch_args.get("image_score", default)
+            parts.append(f"{name} by {ways.get(score, score)} (image_score={score})")
+    if not parts:
+        return ""
+    hint = ""
+    if "Patchcore" in settings.models and "image_score" not in settings.reconpatch_args:
+        hint = " `--reconpatch image_score=patches` scores ReConPatch's images as PatchCore does."
+    return "How each model scores an image: " + "; ".join(parts) + "." + hint + "\n\n"
+
+
 def write_data_report(
     settings: CompareSettings,
     data_config: dict[str, Any],
@@ -317,6 +353,7 @@ def write_data_report(
         "resident memory of the run's own process (every model and seed is fitted and tested in a fresh one), "
         "sampled every 20 ms during its fit and test. In heatmaps.png each model's maps share one colour scale, "
         "from its lowest to its highest value over the whole test set.\n\n"
+        f"{image_score_note(settings)}"
     )
     if spread:
         table += "\n\nPer seed (" + ", ".join(map(str, settings.seeds)) + "):\n\n" + seed_table(per_seed, spread)
