@@ -328,7 +328,8 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         """Find the distance from each query to its nearest bank row.
 
         Torch exact search; or, outside of tracing and export, the faiss index followed by the exact
-        refinement of each image's top patches (``refine_top_patches``), so image scores stay exact.
+        refinement of each image's top patches (``refine_top_patches``), so PatchCore's image score
+        (``image_score="patches"``) stays exact; the map, and the map's largest pixel, keep the index's error.
 
         Args:
             queries (torch.Tensor): ``N x D`` embedded patches of ``batch`` images, image by image.
