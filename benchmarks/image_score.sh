@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The two image scores, the anomaly map's largest pixel (image_score=map, the default) and PatchCore's
-# re-weighted patch (image_score=patches), for the trained and the untrained f, on each real data set over
-# seeds 0 1 2 on cached backbone features (benchmarks/sweep.py), at the models' default coreset ratio 0.1 (RATIO=0.01
-# for the README's). The same seed trains the same f under both scores, so each pair of rows differs
+# re-weighted patch (image_score=patches), for the trained and the untrained f, on each real data set
+# over seeds 0 1 2 on cached backbone features (benchmarks/sweep.py), at the models' default coreset
+# ratio 0.1 (RATIO=0.01 for the README's). The same seed trains the same f under both scores, so each pair of rows differs
 # only in the score, and each trained row differs from its untrained one only in f; the
 # PatchCore-equivalent bank (anomalib's random projection, identity f) is scored both ways too.
 # kolektorsdd_640x256 is KolektorSDD at its own 640x256 aspect; NAME_128 is NAME at 128 px, where

@@ -20,6 +20,19 @@ from anomalib_reconpatch.tools.predict import load_compiled_model
 
 from .conftest import BACKBONE, interruptible
 
+# Reads the INT8 IR named by sys.argv[3] into `out`: its op types, the [rows, dim] of every convolution that
+# a FakeQuantize feeds (the quantized bank searches) and the op types that FakeQuantize outputs feed.
+INT8_GRAPH = (
+    "import json, sys, numpy as np, openvino as ov\n"
+    "graph = ov.Core().read_model(sys.argv[3])\n"
+    "out = {'ops': sorted({op.get_type_name() for op in graph.get_ops()})}\n"
+    "out['quantized'] = [list(op.input(1).get_partial_shape().to_shape())[:2] for op in graph.get_ordered_ops()\n"
+    "    if op.get_type_name() == 'Convolution'\n"
+    "    and op.input(0).get_source_output().get_node().get_type_name() == 'FakeQuantize']\n"
+    "out['fed'] = sorted({t.get_node().get_type_name() for op in graph.get_ops()\n"
+    "    if op.get_type_name() == 'FakeQuantize' for o in op.outputs() for t in o.get_target_inputs()})\n"
+)
+
 
 @pytest.fixture
 def exported(demo_model: dict) -> tuple:
@@ -134,16 +147,8 @@ def test_int8_ptq_through_the_stock_cli_calibrates_on_training_images_and_keeps_
     labels = torch.cat([torch.full((len(x),), label) for x, label in zip(per_split, splits.values(), strict=True)])
     np.save(tmp_path / "images.npy", images.numpy())
     scorer = (
-        "import json, sys, numpy as np, openvino as ov\n"
+        INT8_GRAPH + "images = np.load(sys.argv[1])\n"
         "from anomalib_reconpatch.tools.predict import compile_options\n"
-        "images = np.load(sys.argv[1])\n"
-        "graph = ov.Core().read_model(sys.argv[3])\n"
-        "out = {'ops': sorted({op.get_type_name() for op in graph.get_ops()})}\n"
-        "out['quantized'] = [list(op.input(1).get_partial_shape().to_shape())[:2] for op in graph.get_ordered_ops()\n"
-        "    if op.get_type_name() == 'Convolution'\n"
-        "    and op.input(0).get_source_output().get_node().get_type_name() == 'FakeQuantize']\n"
-        "out['fed'] = sorted({t.get_node().get_type_name() for op in graph.get_ops()\n"
-        "    if op.get_type_name() == 'FakeQuantize' for o in op.outputs() for t in o.get_target_inputs()})\n"
         "for name, xml in (('fp32', sys.argv[2]), ('int8', sys.argv[3])):\n"
         "    compiled = ov.Core().compile_model(xml, 'CPU', compile_options())\n"
         "    out[name] = [float(compiled(i[None])[compiled.output('pred_score')][0]) for i in images]\n"
@@ -170,6 +175,37 @@ def test_int8_ptq_through_the_stock_cli_calibrates_on_training_images_and_keeps_
     one_pair = 1 / (int((labels == 0).sum()) * int((labels == 1).sum()))  # AUROC step of one swapped pair
     slack = 1e-6  # the AUROCs are float32: 11/18 came out 7e-9 too low once
     assert abs(auroc["int8"] - auroc["fp32"]) <= one_pair + slack, (auroc, result["fp32"], result["int8"])
+
+
+def test_int8_ptq_of_a_patch_scored_checkpoint_also_quantizes_the_top_patchs_neighbour_search(
+    exported: tuple, demo_root: Path, tmp_path: Path
+) -> None:
+    import json
+    import math
+
+    from anomalib_reconpatch.reconpatch.search import SEARCH_CHUNK
+
+    model, _, root = exported
+    checkpoint = torch.load(root / "model.ckpt", weights_only=False)
+    checkpoint["hyper_parameters"]["image_score"] = "patches"  # as if trained with --model.image_score patches
+    torch.save(checkpoint, tmp_path / "patches.ckpt")
+    int8_xml = stock_export(
+        tmp_path / "patches.ckpt", tmp_path, 900, "--compression_type", "INT8_PTQ", "--model.image_score", "patches",
+        "--data", "anomalib.data.MVTecAD", "--data.root", str(demo_root), "--data.category", "brick",
+        "--data.num_workers", "0",
+    )  # fmt: skip
+    read = subprocess.run(
+        [sys.executable, "-c", INT8_GRAPH + "print(json.dumps(out))\n", "", "", str(int8_xml)],
+        capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    result = json.loads(read.stdout.strip().splitlines()[-1])
+    bank_rows, dim = model.model.memory_bank.shape
+    rows = sorted(rows for rows, _ in result["quantized"])
+    assert rows[-1] == bank_rows  # the top patch's neighbour, one convolution over the whole bank
+    assert len(rows) - 1 == math.ceil(bank_rows / SEARCH_CHUNK)  # the patch search, one per bank chunk
+    assert sum(rows[:-1]) == bank_rows
+    assert {d for _, d in result["quantized"]} == {dim}
+    assert result["fed"] == ["Convolution"]
 
 
 def test_int8_ptq_without_data_says_what_to_pass() -> None:
