@@ -7,12 +7,12 @@ On the training patches of ``--data`` it runs ``--steps`` steps made of the part
 ``ReConPatch.train_representation`` runs and times each: the draw (``draw_batch``), the target
 networks' pseudo-labels (``representation_labels``), the online networks' forward with the loss,
 whose closed-form gradient it computes (``representation_loss``), and the backward pass, optimizer
-step and EMA update (``representation_update``). Only the labels and the online forward are independent of each
-other, and the loss's second half needs both, so the table also gives the best step that two
-barrier-free workers (one thread each, one part each) could make: the longer of the two parts plus
-everything else. The same steps with the loss's gradient through autograd on its pairs, the
-reference that the closed form replaces, show what the closed form saves. Run it alone: the times
-are the machine's.
+step and EMA update (``representation_update``, ``representation_ema``). Only the labels and the
+online forward of one step are independent of each other, and the loss's second half needs both, so
+the table also gives the best step that two barrier-free workers (one thread each, one part each)
+could make: the longer of the two parts plus everything else. The same steps with the loss's
+gradient through autograd on its pairs, the reference that the closed form replaces, show what the
+closed form saves. Run it alone: the times are the machine's.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def time_parts(model: object, features: torch.Tensor, steps: int, warmup: int = 
         loss.item()
         marks.append(time.perf_counter())
         model.representation_update(networks, loss)
+        model.representation_ema(networks)
         marks.append(time.perf_counter())
         if step >= warmup:
             for part, start, end in zip(PARTS, marks[:-1], marks[1:], strict=True):

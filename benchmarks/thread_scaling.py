@@ -6,11 +6,14 @@
 On the training patches of ``--data`` it times three loops on one thread and on two, first alone and
 then beside ``--competitors`` busy-looping Python processes: ReConPatch's representation training
 (ms a step), this project's greedy k-center and anomalib's ``KCenterGreedy`` (ms a selection, over
-``--selections`` selections). A loop whose steps are many small products gains from two threads
-alone but, under load, runs best on one (``ThreadChooser`` picks it), where it gets a fair share of
-a core; so its slowdown against its best quiet time cannot fall below its two-thread speedup times
-the one-thread slowdown. A loop of a few large products, like ``KCenterGreedy``'s, keeps gaining
-from two threads under load. Each measurement runs in a fresh process, which inherits the environment:
+``--selections`` selections). Training runs twice: in a process of one thread, and with the next
+step's pseudo-labels on a second thread beside the step's own work (one thread each, what the model
+does on a busy CPU); on two threads both are the same all-thread step. A loop whose steps are many
+small products gains from two threads alone but, under load, runs best on one (``ThreadChooser``
+picks it), where it gets a fair share of a core; so its slowdown against its best quiet time cannot
+fall below its two-thread speedup times the one-thread slowdown. A loop of a few large products,
+like ``KCenterGreedy``'s, keeps gaining from two threads under load.
+Each measurement runs in a fresh process, which inherits the environment:
 ``OMP_WAIT_POLICY=PASSIVE python benchmarks/thread_scaling.py ...`` measures GNU OpenMP's sleeping
 barriers instead of its spinning ones, and the report's command line shows it.
 """
@@ -28,7 +31,12 @@ from pathlib import Path
 
 from common import busy_processes, data_parser, write_report
 
-LOOPS = ("representation training", "greedy k-center (ours)", "KCenterGreedy (anomalib)")
+LOOPS = (
+    "representation training",
+    "representation training, next labels beside",
+    "greedy k-center (ours)",
+    "KCenterGreedy (anomalib)",
+)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -50,16 +58,17 @@ def child(args: argparse.Namespace) -> None:
 
     coreset.ThreadChooser = Fixed
     features = torch.load(args.features)
-    torch.set_num_threads(args.threads)
+    # the model computes the next step's labels on a second thread only when torch has two to give
+    torch.set_num_threads(max(args.threads, 2) if args.child == LOOPS[1] else args.threads)
     torch.manual_seed(0)
-    if args.child == LOOPS[0]:
+    if args.child in LOOPS[:2]:
         lightning_model.REPRESENTATION_THREADS = args.threads
         _, model = load_data(args, num_steps=args.steps)
         start = time.perf_counter()
         with torch.enable_grad():
             model.train_representation(features)
         per_step = (time.perf_counter() - start) / args.steps
-    elif args.child == LOOPS[1]:
+    elif args.child == LOOPS[2]:
         start = time.perf_counter()
         coreset.greedy_k_center(features, args.selections)
         per_step = (time.perf_counter() - start) / args.selections

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from pathlib import Path
 
@@ -308,6 +309,34 @@ def test_the_step_hook_sees_every_step_and_leaves_the_training_unchanged() -> No
     assert all(math.isfinite(state.loss) for state in seen)
     assert torch.equal(hooked, trained(None))
     assert not torch.equal(hooked, torch.eye(152))
+
+
+def test_a_steps_labels_come_from_the_targets_before_the_previous_steps_ema_move() -> None:
+    from anomalib_reconpatch.reconpatch.similarity import pseudo_labels
+
+    features = torch.randn(600, 152, generator=torch.Generator().manual_seed(0))
+    model = ReConPatch(
+        backbone=BACKBONE, layers=LAYERS, pre_trained=False, num_steps=5, patches_per_step=48, momentum=0.5
+    )
+    targets = []  # the hook runs before the step's update and EMA move: these are the targets the next labels see
+
+    def keep(state: object) -> None:
+        targets.append((state, copy.deepcopy(state.target_f), copy.deepcopy(state.target_g)))
+
+    torch.manual_seed(1)
+    with torch.enable_grad():
+        model.train_representation(features, on_step=keep)
+
+    def labels(state: object, f: nn.Module, g: nn.Module) -> torch.Tensor:
+        return pseudo_labels(g(f(state.batch)), model.k, model.alpha, model.sigma, model.sigma_unit)
+
+    with torch.no_grad():
+        first, f, g = targets[0]
+        assert torch.equal(first.weights, labels(first, f, g))
+        for (_, f, g), (state, f_after, g_after) in itertools.pairwise(targets):
+            assert torch.equal(state.weights, labels(state, f, g))
+            # a momentum of 0.5 moves the targets far in a step: labels from the moved ones differ
+            assert not torch.equal(state.weights, labels(state, f_after, g_after))
 
 
 def test_training_length_follows_the_data_unless_num_steps_is_given() -> None:

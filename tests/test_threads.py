@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -83,7 +85,9 @@ def test_thread_count_is_restored_after_the_block() -> None:
     assert torch.get_num_threads() == before
 
 
-def test_training_gives_the_same_f_whichever_thread_count_runs_a_step(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_training_gives_the_same_f_with_the_next_labels_beside_a_step_or_in_turn_on_all_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from anomalib_reconpatch import ReConPatch
     from anomalib_reconpatch.reconpatch import lightning_model
 
@@ -92,14 +96,27 @@ def test_training_gives_the_same_f_whichever_thread_count_runs_a_step(monkeypatc
     if torch.get_num_threads() < 2:
         pytest.skip("one thread only: nothing to compare")
     features = torch.randn(3000, 152, generator=torch.Generator().manual_seed(0))
-    trained = []
+    labels = lightning_model.ReConPatch.representation_labels
+    trained, labelled_on = [], []
     for threads in (1, torch.get_num_threads()):
         monkeypatch.setattr(lightning_model, "REPRESENTATION_THREADS", threads)
         model = ReConPatch(backbone=BACKBONE, layers=LAYERS, pre_trained=False, num_steps=30, learning_rate=1e-3)
+        names: list[str] = []
+
+        def spy(*args: object, model: ReConPatch = model, names: list[str] = names) -> torch.Tensor:
+            names.append(threading.current_thread().name)
+            return labels(model, *args)
+
+        monkeypatch.setattr(model, "representation_labels", spy)
         torch.manual_seed(1)
         with torch.enable_grad():
             model.train_representation(features)
         trained.append(model.model.representation.weight.detach().clone())
+        labelled_on.append(names)
+    # on one thread a step's successor's labels run on a second thread beside it; on all, in turn
+    assert labelled_on[0][0] == "MainThread"
+    assert all(name.startswith("reconpatch-labels") for name in labelled_on[0][1:])
+    assert labelled_on[1] == ["MainThread"] * 30
     assert torch.equal(trained[0], trained[1])
 
 

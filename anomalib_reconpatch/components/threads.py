@@ -22,9 +22,10 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from statistics import median
+from typing import TypeVar
 
 import torch
 
@@ -34,6 +35,8 @@ on a busy CPU one such step costs as much as dozens of one-thread steps."""
 
 BACK_OFF = 1.5
 """When one count beats the other by more than this factor, the next probe comes twice as late."""
+
+T = TypeVar("T")
 
 
 class ThreadChooser:
@@ -114,6 +117,24 @@ class ThreadChooser:
         self.gap = min(2 * self.gap, self.max_period) if clear else self.period
         self.probing = False
         self.times = {1: [], self.all_threads: []}
+
+
+def single_threaded(function: Callable[..., T], *args: object) -> T:
+    """``function(*args)`` on one of torch's threads, for work that another thread runs beside.
+
+    A thread that a pool started keeps torch's thread count of its first task, so the count is set
+    on every call.
+
+    Args:
+        function (Callable[..., T]): What to run.
+        *args (object): Its arguments.
+
+    Returns:
+        T: What ``function`` returns.
+    """
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    return function(*args)
 
 
 @contextmanager

@@ -38,6 +38,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,7 @@ from ..components.preflight import preflight
 from ..components.progress import fit_progress, stop_if_terminated
 from ..components.resize import ExactExportPreProcessor
 from ..components.spill import FeatureSpill, SpilledFeatures, remove_orphaned_spills
-from ..components.threads import ThreadChooser, torch_threads
+from ..components.threads import ThreadChooser, single_threaded, torch_threads
 from .loss import RelaxedContrastiveLoss
 from .quantize import quantize_on_training_images
 from .sampling import NEIGHBOR_POOL, neighbor_groups
@@ -150,7 +151,8 @@ class RepresentationStep:
     Attributes:
         step (int): Zero-based step index.
         batch (torch.Tensor): The ``B x D`` patch features of the step.
-        weights (torch.Tensor): Their ``B x B`` pseudo-labels from the target networks.
+        weights (torch.Tensor): Their ``B x B`` pseudo-labels from the target networks as they were before
+            the previous step's EMA move.
         loss (float): The online networks' loss on them.
         online_f (nn.Module): The representation being trained.
         online_g (nn.Module): The projection being trained.
@@ -615,12 +617,17 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
     ) -> int | None:
         """Train ``f`` (kept) and ``g`` (discarded) with the relaxed contrastive loss on random patch mini-batches.
 
-        Each step draws ``patches_per_step`` patches (:meth:`draw_batch`; ``batch_sampling``:
-        independently, with replacement, or in nearest-neighbour groups), computes their pseudo-labels on
-        the EMA target networks (:meth:`representation_labels`) and the online networks' loss
-        (:meth:`representation_loss`), takes one optimizer step and updates the targets with ``momentum``
-        (:meth:`representation_update`). The parts are methods so that ``benchmarks/step_phases.py`` can
-        time the very step the model runs. ``f`` is frozen at the end.
+        Each step takes the online networks' loss (:meth:`representation_loss`) on a batch of
+        ``patches_per_step`` patches (:meth:`draw_batch`; ``batch_sampling``: independently, with
+        replacement, or in nearest-neighbour groups) against its pseudo-labels, takes one optimizer step
+        (:meth:`representation_update`) and then moves the EMA targets by ``momentum``
+        (:meth:`representation_ema`). The next batch and its pseudo-labels (:meth:`representation_labels`)
+        come from the targets as they are before that move, one step behind the online networks, so that
+        on a busy CPU they are computed on a second thread beside the step's own work, each thread
+        meeting no barrier but the step's end (``docs/design/busy-cpu.md``); a quiet CPU computes the
+        same numbers in turn on all threads, and which of the two runs a step never changes the result.
+        The parts are methods so that ``benchmarks/step_phases.py`` can time the very step the model
+        runs. ``f`` is frozen at the end.
 
         Args:
             features (torch.Tensor | SpilledFeatures): ``N x D`` training patch features, in memory or
@@ -648,14 +655,26 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         batch_size = min(self.patches_per_step, n)
         tick = time.perf_counter()
         chooser = ThreadChooser(torch.get_num_threads())
-        with torch_threads(), fit_progress(self._trainer, "ReConPatch representation", steps) as update:
+        # a second thread for the next step's labels only where there is a second core to run it
+        side_by_side = chooser.all_threads > 1 and self.device.type == "cpu"
+        x = self.draw_batch(features, batch_size, networks.target_f)
+        weights = self.representation_labels(networks, x)
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="reconpatch-labels") as labeller,
+            torch_threads(),
+            fit_progress(self._trainer, "ReConPatch representation", steps) as update,
+        ):
             for step in range(steps):
                 threads = REPRESENTATION_THREADS or chooser.threads(step)
                 if threads != torch.get_num_threads():
                     torch.set_num_threads(threads)
                 step_start = time.perf_counter()
-                x = self.draw_batch(features, batch_size, networks.target_f)
-                weights = self.representation_labels(networks, x)
+                following = self.draw_batch(features, batch_size, networks.target_f) if step + 1 < steps else None
+                labels = (
+                    labeller.submit(single_threaded, self.representation_labels, networks, following)
+                    if following is not None and threads == 1 and side_by_side
+                    else None
+                )
                 loss = self.representation_loss(networks, x, weights)
                 value = loss.item() if ranks == 1 else all_sum(loss.detach()).item() / ranks
                 if not math.isfinite(value):
@@ -667,6 +686,10 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
                 if on_step is not None:
                     on_step(RepresentationStep(step, x, weights, value, *networks.modules()))
                 self.representation_update(networks, loss)
+                if following is not None:
+                    weights = self.representation_labels(networks, following) if labels is None else labels.result()
+                    x = following
+                self.representation_ema(networks)
                 chooser.record(step, time.perf_counter() - step_start)
                 update(step + 1, loss=value)
                 if time.perf_counter() - tick > 10 or step + 1 == steps:
@@ -730,7 +753,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         return self.loss(networks.online_g(networks.online_f(x)), weights)
 
     def representation_update(self, networks: RepresentationNetworks, loss: torch.Tensor) -> None:
-        """One optimizer step on the online networks (gradients averaged over ranks), then the EMA update.
+        """One optimizer step on the online networks, with the gradients averaged over ranks.
 
         Args:
             networks (RepresentationNetworks): The training's networks.
@@ -741,6 +764,13 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         average_gradients(networks.parameters())
         networks.optimizer.step()
         networks.scheduler.step()
+
+    def representation_ema(self, networks: RepresentationNetworks) -> None:
+        """Move the target networks towards the online ones by ``1 - momentum``: the step's last act.
+
+        Args:
+            networks (RepresentationNetworks): The training's networks.
+        """
         ema_update(networks.target_f, networks.online_f, self.momentum)
         ema_update(networks.target_g, networks.online_g, self.momentum)
 
