@@ -102,7 +102,7 @@ def main() -> None:
         f"tf_efficientnet_lite0 unless set, coreset {args.coreset_ratio}, "
         f"ReConPatch num_steps {'null' if args.num_steps is None else args.num_steps}, "
         f"representation training on {args.representation_threads or 'the faster of all threads and one'} "
-        "thread(s); "
+        "thread(s) (one: the next batch's labels on a second thread beside each step); "
         f"each fit in a fresh process; medians of {args.repeats} run(s), loaded range in brackets.",
         "",
         f"| model | phase | alone s | beside {args.competitors} s | slowdown |",

@@ -141,7 +141,10 @@ def main() -> None:
                 "fixed_target_loss": float(fixed_loss),
                 "initial_online_loss": float(initial_loss),
             }
-            record.update(label_statistics(state.target_g(state.target_f(state.batch)), k, alpha, sigma, unit))
+            # the batch's labels came from the targets that the previous step's hook saw (the first's from its own)
+            labelling_f, labelling_g = fixed.get("labelling", (state.target_f, state.target_g))
+            record.update(label_statistics(labelling_g(labelling_f(state.batch)), k, alpha, sigma, unit))
+            fixed["labelling"] = (copy.deepcopy(state.target_f), copy.deepcopy(state.target_g))
             records.append(record)
             if state.step % SPECTRUM_EVERY == 0 or state.step + 1 == model.num_steps:
                 values = torch.linalg.svdvals(state.online_f.weight.detach()).tolist()

@@ -376,12 +376,18 @@ def test_default_training_labels_pairs_on_unit_length_targets_with_sigma_0_1() -
     features = torch.randn(600, 152, generator=torch.Generator().manual_seed(0))
     model = ReConPatch(backbone=BACKBONE, layers=LAYERS, pre_trained=False, num_steps=3, patches_per_step=48)
     seen = []
+
+    def keep(state: object) -> None:
+        seen.append((state, copy.deepcopy(state.target_f), copy.deepcopy(state.target_g)))
+
     with torch.enable_grad():
-        model.train_representation(features, on_step=seen.append)
-    for state in seen:  # on_step runs before the update, so the targets are those that labelled the batch
-        z = state.target_g(state.target_f(state.batch))
+        model.train_representation(features, on_step=keep)
+    # a batch's labels come from the targets that the previous step's hook saw (the first's from its own)
+    labelled_by = [seen[0][1:], *(targets[1:] for targets in seen[:-1])]
+    for (state, _, _), (f, g) in zip(seen, labelled_by, strict=True):
+        z = g(f(state.batch))
         expected = pseudo_labels(z, model.k, model.alpha, 0.1, "normalized")
-        assert torch.allclose(state.weights, expected)
+        assert torch.equal(state.weights, expected)
         assert not torch.allclose(state.weights, pseudo_labels(z, model.k, model.alpha, 1.0, "knn"))
 
 

@@ -45,9 +45,11 @@ def test_non_finite_features_stop_before_training(lite_weights: None, demo_featu
 
 def test_diverging_loss_names_the_step(lite_weights: None, demo_features: torch.Tensor) -> None:
     model = small_model(learning_rate=1e30)
+    threads = torch.get_num_threads()
     with pytest.raises(FloatingPointError, match=r"diverged at step \d+/20"):
         fit_on(model, demo_features)
     assert model.model.memory_bank.numel() == 0  # no bank of NaNs left behind
+    assert torch.get_num_threads() == threads  # restored, though the next labels were under way on another thread
 
 
 def test_too_few_patches_for_k(lite_weights: None, demo_features: torch.Tensor) -> None:

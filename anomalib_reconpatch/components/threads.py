@@ -11,6 +11,9 @@ follows the load as it changes. A phase that follows another can start on the co
 just measured (``start``, from its ``verdict``): its one-off large products then run on that count too,
 and its first probe waits a period. The measurements are in ``docs/design/busy-cpu.md``.
 
+For representation training "one" means one thread for each of two tasks: the step, and the next
+batch's pseudo-labels beside it (:func:`single_threaded`), which meet once a step.
+
 Example:
     >>> chooser = ThreadChooser(all_threads=2, probe=2, period=10)
     >>> for step, seconds in enumerate([0.1, 0.2, 0.9]):  # two steps on one thread, then one on two

@@ -138,7 +138,9 @@ def representation_steps(num_patches: int, patches_per_step: int, num_steps: int
 
 REPRESENTATION_THREADS: int | None = None
 """Threads for representation training: None times all threads against one as training runs and keeps
-the faster (:class:`~anomalib_reconpatch.components.threads.ThreadChooser`); a number fixes the count."""
+the faster (:class:`~anomalib_reconpatch.components.threads.ThreadChooser`); a number fixes the count.
+One thread runs the next batch's labels on a second thread beside each step wherever torch has more
+than one thread to give."""
 
 
 NON_FINITE = "The backbone produced NaN or inf patch features: check the training images and normalisation."
@@ -156,8 +158,9 @@ class RepresentationStep:
         loss (float): The online networks' loss on them.
         online_f (nn.Module): The representation being trained.
         online_g (nn.Module): The projection being trained.
-        target_f (nn.Module): The EMA copy of ``f``.
-        target_g (nn.Module): The EMA copy of ``g``.
+        target_f (nn.Module): The EMA copy of ``f`` at the step's start, which labels the next batch (this
+            batch's labels came from it one EMA move earlier).
+        target_g (nn.Module): The EMA copy of ``g``, likewise.
     """
 
     step: int
@@ -657,11 +660,10 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         chooser = ThreadChooser(torch.get_num_threads())
         # a second thread for the next step's labels only where there is a second core to run it
         side_by_side = chooser.all_threads > 1 and self.device.type == "cpu"
-        x = self.draw_batch(features, batch_size, networks.target_f)
-        weights = self.representation_labels(networks, x)
+        # the pool is left (its last task awaited) before torch's thread count is restored
         with (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="reconpatch-labels") as labeller,
             torch_threads(),
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="reconpatch-labels") as labeller,
             fit_progress(self._trainer, "ReConPatch representation", steps) as update,
         ):
             for step in range(steps):
@@ -669,6 +671,9 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
                 if threads != torch.get_num_threads():
                     torch.set_num_threads(threads)
                 step_start = time.perf_counter()
+                if step == 0:
+                    x = self.draw_batch(features, batch_size, networks.target_f)
+                    weights = self.representation_labels(networks, x)
                 following = self.draw_batch(features, batch_size, networks.target_f) if step + 1 < steps else None
                 labels = (
                     labeller.submit(single_threaded, self.representation_labels, networks, following)
