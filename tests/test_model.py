@@ -311,6 +311,22 @@ def test_the_step_hook_sees_every_step_and_leaves_the_training_unchanged() -> No
     assert not torch.equal(hooked, torch.eye(152))
 
 
+def hooked_steps(model: ReConPatch, features: torch.Tensor) -> list[tuple[object, nn.Module, nn.Module]]:
+    """Train ``model``'s ``f`` on ``features``; each step's hook state with copies of the targets it saw.
+
+    The hook runs before the step's update and EMA move, so a step's copies are the targets that label
+    the next batch (and, for the first step, its own).
+    """
+    seen = []
+
+    def keep(state: object) -> None:
+        seen.append((state, copy.deepcopy(state.target_f), copy.deepcopy(state.target_g)))
+
+    with torch.enable_grad():
+        model.train_representation(features, on_step=keep)
+    return seen
+
+
 def test_a_steps_labels_come_from_the_targets_before_the_previous_steps_ema_move() -> None:
     from anomalib_reconpatch.reconpatch.similarity import pseudo_labels
 
@@ -318,14 +334,8 @@ def test_a_steps_labels_come_from_the_targets_before_the_previous_steps_ema_move
     model = ReConPatch(
         backbone=BACKBONE, layers=LAYERS, pre_trained=False, num_steps=5, patches_per_step=48, momentum=0.5
     )
-    targets = []  # the hook runs before the step's update and EMA move: these are the targets the next labels see
-
-    def keep(state: object) -> None:
-        targets.append((state, copy.deepcopy(state.target_f), copy.deepcopy(state.target_g)))
-
     torch.manual_seed(1)
-    with torch.enable_grad():
-        model.train_representation(features, on_step=keep)
+    targets = hooked_steps(model, features)
 
     def labels(state: object, f: nn.Module, g: nn.Module) -> torch.Tensor:
         return pseudo_labels(g(f(state.batch)), model.k, model.alpha, model.sigma, model.sigma_unit)
@@ -375,13 +385,7 @@ def test_unset_sigma_takes_its_units_default_and_a_given_one_wins(
 def test_default_training_labels_pairs_on_unit_length_targets_with_sigma_0_1() -> None:
     features = torch.randn(600, 152, generator=torch.Generator().manual_seed(0))
     model = ReConPatch(backbone=BACKBONE, layers=LAYERS, pre_trained=False, num_steps=3, patches_per_step=48)
-    seen = []
-
-    def keep(state: object) -> None:
-        seen.append((state, copy.deepcopy(state.target_f), copy.deepcopy(state.target_g)))
-
-    with torch.enable_grad():
-        model.train_representation(features, on_step=keep)
+    seen = hooked_steps(model, features)
     # a batch's labels come from the targets that the previous step's hook saw (the first's from its own)
     labelled_by = [seen[0][1:], *(targets[1:] for targets in seen[:-1])]
     for (state, _, _), (f, g) in zip(seen, labelled_by, strict=True):
