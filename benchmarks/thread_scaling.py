@@ -3,12 +3,16 @@
     python benchmarks/thread_scaling.py --data configs/data/mpdd_metal_plate.yaml --competitors 4 \
         --out docs/results/contention/thread_scaling.md
 
-On the training patches of ``--data`` it times three loops on one thread and on two, first alone and
-then beside ``--competitors`` busy-looping Python processes: ReConPatch's representation training
-(ms a step), this project's greedy k-center and anomalib's ``KCenterGreedy`` (ms a selection, over
-``--selections`` selections). Training runs twice: in a process of one thread, and with the next
+On the training images and patches of ``--data`` it times four loops on one thread and on two, first
+alone and then beside ``--competitors`` busy-looping Python processes: ReConPatch's representation
+training (ms a step), this project's greedy k-center and anomalib's ``KCenterGreedy`` (ms a
+selection, over ``--selections`` selections), and the backbone pass (ms a training batch). Training runs twice: in a process of one thread, and with the next
 step's pseudo-labels on a second thread beside the step's own work (one thread each, what the model
-does on a busy CPU); on two threads both are the same all-thread step. A loop whose steps are many
+does on a busy CPU); on two threads both are the same all-thread step. So does our greedy k-center:
+on one thread, and on two threads of one torch thread each that hold half the rows and meet once a
+selection (``threads=1``, what the model does on a busy CPU). The backbone pass over one training
+batch runs on all threads, and, in the last row's one-thread columns, as one-thread tasks on two
+parts of the batch (what the model's fit does on every CPU). A loop whose steps are many
 small products gains from two threads alone but, under load, runs best on one (``ThreadChooser``
 picks it), where it gets a fair share of a core; so its slowdown against its best quiet time cannot
 fall below its two-thread speedup times the one-thread slowdown. A loop of a few large products,
@@ -24,6 +28,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -35,7 +40,10 @@ LOOPS = (
     "representation training",
     "representation training, next labels beside",
     "greedy k-center (ours)",
+    "greedy k-center (ours), two shards",
     "KCenterGreedy (anomalib)",
+    "backbone pass",
+    "backbone pass, a part of the batch per thread",
 )
 
 
@@ -46,7 +54,7 @@ def child(args: argparse.Namespace) -> None:
     from common import load_data
 
     from anomalib_reconpatch.components import coreset
-    from anomalib_reconpatch.components.threads import ThreadChooser
+    from anomalib_reconpatch.components.threads import ThreadChooser, split_over_threads
     from anomalib_reconpatch.reconpatch import lightning_model
 
     class Fixed(ThreadChooser):
@@ -58,19 +66,33 @@ def child(args: argparse.Namespace) -> None:
 
     coreset.ThreadChooser = Fixed
     features = torch.load(args.features)
-    # the model computes the next step's labels on a second thread only when torch has two to give
-    torch.set_num_threads(max(args.threads, 2) if args.child == LOOPS[1] else args.threads)
+    # the model computes the next step's labels, selects on a second shard or passes half the batch through
+    # the backbone on a second thread only when torch has two threads
+    beside = (LOOPS[1], LOOPS[3], LOOPS[6])
+    torch.set_num_threads(max(args.threads, 2) if args.child in beside else args.threads)
     torch.manual_seed(0)
-    if args.child in LOOPS[:2]:
+    if args.child in LOOPS[5:]:
+        _, model = load_data(args)
+        images = torch.load(args.features.with_name("images.pt"))
+        backbone = model.model.patch_features
+        split = args.child == LOOPS[6] and args.threads == 1
+        passes = []
+        with torch.no_grad():
+            for _ in range(args.passes + 1):
+                start = time.perf_counter()
+                split_over_threads(backbone, images) if split else backbone(images)
+                passes.append(time.perf_counter() - start)
+        per_step = statistics.median(passes[1:])  # after a warm-up pass
+    elif args.child in LOOPS[:2]:
         lightning_model.REPRESENTATION_THREADS = args.threads
         _, model = load_data(args, num_steps=args.steps)
         start = time.perf_counter()
         with torch.enable_grad():
             model.train_representation(features)
         per_step = (time.perf_counter() - start) / args.steps
-    elif args.child == LOOPS[2]:
+    elif args.child in LOOPS[2:4]:
         start = time.perf_counter()
-        coreset.greedy_k_center(features, args.selections)
+        coreset.greedy_k_center(features, args.selections, threads=1 if args.child == LOOPS[3] else None)
         per_step = (time.perf_counter() - start) / args.selections
     else:
         sampler = KCenterGreedy(features, sampling_ratio=args.selections / len(features))
@@ -99,6 +121,7 @@ def main() -> None:
     parser.add_argument("--competitors", type=int, default=4)
     parser.add_argument("--steps", type=int, default=100, help="representation steps timed")
     parser.add_argument("--selections", type=int, default=200, help="coreset selections timed")
+    parser.add_argument("--passes", type=int, default=5, help="backbone passes over one training batch timed")
     parser.add_argument("--features", type=Path, default=Path("results/thread_scaling/features.pt"))
     parser.add_argument("--out", type=Path, help="the Markdown report to write")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -113,6 +136,9 @@ def main() -> None:
     datamodule, model = load_data(args)
     args.features.parent.mkdir(parents=True, exist_ok=True)
     torch.save(flat_patches(cache(model, datamodule.train_dataloader(), test=False)["features"]), args.features)
+    torch.manual_seed(0)
+    images = model.pre_processor.transform(next(iter(datamodule.train_dataloader())).image)
+    torch.save(images, args.features.with_name("images.pt"))
     alone, loaded = measure(args, 0), measure(args, args.competitors)
     policy = f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} " if "OMP_WAIT_POLICY" in os.environ else ""
     lines = [
@@ -120,7 +146,8 @@ def main() -> None:
         "",
         f"`{policy}{shlex.join(['python', *sys.argv])}`",
         "",
-        f"ms a step (training, {args.steps} steps) or a selection ({args.selections} selections); "
+        f"ms a step (training, {args.steps} steps), a selection ({args.selections} selections) or a backbone "
+        f"pass over one training batch of {len(images)} images (median of {args.passes}, after one more); "
         "each in a fresh process. Slowdown: the loaded time on the better count against the quiet time on "
         "the better count.",
         "",

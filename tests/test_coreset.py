@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from anomalib.models.components import KCenterGreedy
@@ -94,3 +96,67 @@ def test_selection_is_the_same_on_one_thread_as_on_all() -> None:
         torch.set_num_threads(previous)
     assert torch.equal(single, everywhere)
     assert torch.get_num_threads() == previous
+
+
+def test_a_busy_cpus_selection_on_two_thread_shards_is_the_one_thread_selection_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from anomalib_reconpatch.components import coreset
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread only: nothing to share the rows with")
+    features = clustered_points(20000, 40, seed=7).float()
+    single = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_thread = greedy_k_center(features, 400)
+    finally:
+        torch.set_num_threads(single)
+    set_up_by = []
+    balls = coreset._balls
+    monkeypatch.setattr(
+        coreset,
+        "_balls",
+        lambda rows, *args: set_up_by.append((threading.current_thread().name, len(rows))) or balls(rows, *args),
+    )
+    reported: list[int] = []
+    # as the model's fit selects after training chose one thread
+    sharded = FastKCenterGreedy(features, 0.02, threads=1).select_coreset_idxs(progress=reported.append)
+    assert sorted(set_up_by) == [("reconpatch-coreset-0", 10000), ("reconpatch-coreset-1", 10000)]
+    assert sharded == one_thread.tolist()
+    assert reported[-1] == 400
+    assert reported == sorted(reported)
+    assert torch.get_num_threads() == single
+
+
+@pytest.mark.parametrize("failing", ["a shard", "the caller"])
+def test_a_failure_in_a_shard_or_the_caller_stops_every_shard_and_is_raised(
+    monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    from anomalib_reconpatch.components import coreset
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread only: no shards")
+    features = clustered_points(20000, 40, seed=8).float()
+    balls = coreset._balls
+
+    def failing_balls(rows: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        if threading.current_thread().name == "reconpatch-coreset-1":
+            raise MemoryError("shard 1 ran out")
+        return balls(rows, *args)
+
+    def interrupted(count: int) -> None:
+        raise KeyboardInterrupt
+
+    if failing == "a shard":
+        monkeypatch.setattr(coreset, "_balls", failing_balls)
+        with pytest.raises(MemoryError, match="shard 1 ran out"):
+            greedy_k_center(features, 2000, ball_size=64, threads=1)
+    else:
+        meetings: list[coreset.ThreadMeeting] = []
+        meeting = coreset.ThreadMeeting
+        monkeypatch.setattr(coreset, "ThreadMeeting", lambda shards: meetings.append(meeting(shards)) or meetings[-1])
+        with pytest.raises(KeyboardInterrupt):
+            greedy_k_center(features, 4000, ball_size=64, threads=1, progress=interrupted)
+        assert len(meetings[0].winners) < 4000  # the shards stopped at the meeting after the interruption
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("reconpatch-coreset")]

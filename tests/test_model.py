@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import threading
 from pathlib import Path
 
 import pytest
@@ -432,3 +433,34 @@ def test_adamp_optimizer_trains_f_differently_from_adamw() -> None:
         weights[name] = model.model.representation.weight.detach().clone()
     assert all(torch.isfinite(weight).all() and not torch.equal(weight, torch.eye(152)) for weight in weights.values())
     assert not torch.equal(weights["adamw"], weights["adamp"])
+
+
+def test_a_training_batch_passes_the_backbone_as_a_part_per_thread_giving_the_whole_batchs_features(
+    lite_weights: None, demo_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from anomalib.data import ImageBatch
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread only: the batch is not split")
+    images = demo_images(demo_root, count=5)  # an odd count: parts of 3 and 2 images
+    model = ReConPatch(backbone=BACKBONE, layers=LAYERS)
+    model.on_train_epoch_start()
+    with torch.no_grad():
+        whole = model.model(images)
+    passes = []
+    backbone = model.model.patch_features
+
+    def spy(part: torch.Tensor) -> torch.Tensor:
+        passes.append((threading.current_thread().name, len(part), torch.get_num_threads(), torch.is_grad_enabled()))
+        return backbone(part)
+
+    monkeypatch.setattr(model.model, "patch_features", spy)
+    before = torch.get_num_threads()
+    with torch.no_grad():
+        model.training_step(ImageBatch(image=images, image_path=[f"{i}.png" for i in range(5)]))
+    assert sorted(passes) == [("MainThread", 3, 1, False), ("reconpatch-features_0", 2, 1, False)]
+    assert torch.get_num_threads() == before
+    stored = torch.cat(model.feature_store)
+    assert stored.shape == whole.shape == (5 * 32 * 32, 152)
+    # the same patches in the same order (images differ by far more); one thread rounds otherwise than two
+    assert torch.allclose(stored, whole, rtol=0, atol=1e-4)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -27,6 +28,8 @@ from .threads import ThreadChooser, torch_threads
 logger = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 64  # selections between progress reports: a report costs far less than 64 selections
+SHARD_MIN_ROWS = 8192  # fewer rows are selected in well under a second: not worth a second thread
+POLL_S = 0.05  # how often the calling thread forwards the shards' progress while they select
 
 
 def _balls(features: torch.Tensor, ball_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,6 +156,144 @@ class OneShard:
         return rows
 
 
+class ThreadMeeting:
+    """Where the threads that each hold a shard of one process's rows meet: one barrier a call.
+
+    Each call's values go to one of two sets of slots, alternately: a thread that leaves a meeting
+    first can only write the other set before every thread has read this one, since the next
+    meeting waits for them all.
+
+    Args:
+        shards (int): The number of threads.
+    """
+
+    def __init__(self, shards: int) -> None:
+        self.barrier = threading.Barrier(shards)
+        self.slots: list[list[object]] = [[None] * shards, [None] * shards]
+        self.winners: list[int] = []
+        """The shard of every pick, in order (recorded by shard 0)."""
+
+    def exchange(self, rank: int, call: int, value: object) -> list[object]:
+        """Every shard's ``value`` for this call, in shard order, once all have given theirs."""
+        slots = self.slots[call % 2]
+        slots[rank] = value
+        self.barrier.wait()
+        return list(slots)
+
+
+class ThreadAgreement:
+    """The :class:`Agreement` of one of several threads of a process, each holding a shard of the rows.
+
+    Ties go to the lowest shard, as across processes.
+
+    Args:
+        meeting (ThreadMeeting): Where the shards' threads meet.
+        rank (int): This thread's shard.
+    """
+
+    def __init__(self, meeting: ThreadMeeting, rank: int) -> None:
+        self.meeting = meeting
+        self.rank = rank
+        self.calls = 0
+
+    def _exchange(self, value: object) -> list:
+        self.calls += 1
+        return self.meeting.exchange(self.rank, self.calls, value)
+
+    def total(self, values: torch.Tensor) -> torch.Tensor:
+        """The sum of ``values`` over every shard."""
+        return torch.stack(self._exchange(values)).sum(0)
+
+    def pick(self, distance: torch.Tensor, row: torch.Tensor) -> tuple[bool, torch.Tensor]:
+        """The row with the largest ``distance`` over every shard: whether it is this shard's, and the row."""
+        proposals = self._exchange((float(distance), row))
+        winner = max(range(len(proposals)), key=lambda rank: (proposals[rank][0], -rank))
+        if self.rank == 0:
+            self.meeting.winners.append(winner)
+        return winner == self.rank, proposals[winner][1]
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every shard's ``rows``, concatenated in shard order."""
+        return torch.cat(self._exchange(rows))
+
+
+def on_thread_shards(
+    features: torch.Tensor,
+    n_select: int,
+    shards: int = 2,
+    ball_size: int = 256,
+    generator: torch.Generator | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """:func:`greedy_k_center` on ``shards`` threads, each holding a part of the rows on one torch thread.
+
+    The greedy selection on a busy CPU: the threads meet once a pick, sleeping until the last one
+    arrives, where torch's own threads would meet, spinning, after each of the pick's dozen
+    operations (``docs/design/busy-cpu.md``). The selection is the one of all rows in one thread (up
+    to ties), in the same order. The calling thread forwards ``progress``; if it is interrupted (or a
+    shard fails) every shard stops at its next meeting, and the exception is raised here.
+
+    Args:
+        features (torch.Tensor): ``N x D`` rows.
+        n_select (int): Number of rows to select, in ``(0, N]``.
+        shards (int): Number of threads and parts. Defaults to ``2``.
+        ball_size (int): Largest number of rows in one ball.
+        generator (torch.Generator | None): Seeds each part's ball clustering (its seed plus the part's
+            index); None seeds with 0.
+        progress (Callable[[int], None] | None): Called in the calling thread with the number of rows
+            selected so far, now and then and once at the end.
+
+    Returns:
+        torch.Tensor: The selected row indices (int64), in the order they were chosen.
+    """
+    parts = features.tensor_split(shards)
+    offsets = [0, *torch.tensor([len(part) for part in parts]).cumsum(0).tolist()[:-1]]
+    seed = generator.initial_seed() if generator is not None else 0
+    meeting = ThreadMeeting(shards)
+    selected: list[torch.Tensor | None] = [None] * shards
+    errors: list[BaseException] = []
+    reported = [0]
+
+    def select(rank: int) -> None:
+        try:
+            torch.set_num_threads(1)
+            selected[rank] = greedy_k_center(
+                parts[rank],
+                n_select,
+                ball_size=ball_size,
+                generator=torch.Generator().manual_seed(seed + rank),
+                progress=(lambda count: reported.__setitem__(0, count)) if rank == 0 else None,
+                agreement=ThreadAgreement(meeting, rank),
+            )
+        except BaseException as error:  # raised in the calling thread below
+            errors.append(error)
+            meeting.barrier.abort()
+
+    workers = [
+        threading.Thread(target=select, args=(rank,), name=f"reconpatch-coreset-{rank}") for rank in range(shards)
+    ]
+    for worker in workers:
+        worker.start()
+    forwarded = 0
+    try:
+        for worker in workers:
+            while worker.is_alive():
+                worker.join(POLL_S)
+                if progress is not None and reported[0] != forwarded:
+                    forwarded = reported[0]
+                    progress(forwarded)
+    finally:
+        meeting.barrier.abort()  # a no-op once every shard is done; otherwise each stops at its next meeting
+        for worker in workers:
+            worker.join()
+    if errors:
+        raise next((error for error in errors if not isinstance(error, threading.BrokenBarrierError)), errors[0])
+    if progress is not None and forwarded != n_select:
+        progress(n_select)
+    rows = [iter((part + offset).tolist()) for part, offset in zip(selected, offsets, strict=True)]
+    return torch.tensor([next(rows[winner]) for winner in meeting.winners], dtype=torch.long)
+
+
 def farthest_from_mean(features: torch.Tensor, agreement: Agreement) -> tuple[int, bool, torch.Tensor]:
     """The row farthest from the mean of all rows: the start of the greedy selection.
 
@@ -208,7 +349,9 @@ def greedy_k_center(
             another's, in order: how a shard collects the whole coreset. Defaults to ``None``.
         threads (int | None): The thread count that a phase just before found faster (a ``ThreadChooser``'s
             ``verdict``): the set-up's products run on it and the loop starts on it. None sets up on all of
-            torch's threads and probes from the first step. Defaults to ``None``.
+            torch's threads and probes from the first step. 1 (a busy CPU), with torch allowed more, one
+            process and at least ``SHARD_MIN_ROWS`` rows, selects on two threads of one torch thread each,
+            each holding half the rows (:func:`on_thread_shards`). Defaults to ``None``.
 
     Returns:
         torch.Tensor: The selected row indices of this shard (int64), in the order they were chosen; with
@@ -225,6 +368,15 @@ def greedy_k_center(
         >>> greedy_k_center(features, n_select=2, start=0)
         tensor([0, 2])
     """
+    if (
+        threads == 1
+        and (agreement is None or isinstance(agreement, OneShard))
+        and start is None
+        and on_pick is None
+        and torch.get_num_threads() > 1
+        and len(features) >= SHARD_MIN_ROWS
+    ):
+        return on_thread_shards(features, n_select, ball_size=ball_size, generator=generator, progress=progress)
     agreement = agreement or OneShard()
     n = int(agreement.total(torch.tensor([features.shape[0]]))[0])
     if not 0 < n_select <= n:

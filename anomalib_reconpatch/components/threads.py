@@ -14,6 +14,10 @@ and its first probe waits a period. The measurements are in ``docs/design/busy-c
 For representation training "one" means one thread for each of two tasks: the step, and the next
 batch's pseudo-labels beside it (:func:`single_threaded`), which meet once a step.
 
+The backbone pass over a training batch needs no choice: :func:`split_over_threads` runs it as one
+one-thread task per torch thread, each on a part of the batch, faster than all threads on the whole
+batch on a quiet CPU and on a busy one.
+
 Example:
     >>> chooser = ThreadChooser(all_threads=2, probe=2, period=10)
     >>> for step, seconds in enumerate([0.1, 0.2, 0.9]):  # two steps on one thread, then one on two
@@ -26,6 +30,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from statistics import median
 from typing import TypeVar
@@ -138,6 +143,38 @@ def single_threaded(function: Callable[..., T], *args: object) -> T:
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)
     return function(*args)
+
+
+def split_over_threads(function: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
+    """``function(batch)`` as one-thread tasks, one per torch thread, each on consecutive images of the batch.
+
+    A CNN's layers on a batch of images are hundreds of operations, each of which ends at a barrier
+    between torch's threads; a part of the batch per thread has none, and on 2 cores it is faster
+    both alone and beside busy processes (measured in ``docs/design/busy-cpu.md``). The caller's grad
+    mode holds in every task, and torch's thread count is restored.
+
+    Args:
+        function (Callable[[torch.Tensor], torch.Tensor]): Maps ``B x ...`` images to outputs whose first
+            dimension runs over the images in order (one row or several per image).
+        batch (torch.Tensor): The images; on a GPU, or with one thread or image, ``function`` runs on all of it.
+
+    Returns:
+        torch.Tensor: The parts' outputs, concatenated in order.
+    """
+    parts = min(torch.get_num_threads(), len(batch))
+    if parts < 2 or batch.device.type != "cpu":
+        return function(batch)
+    grad = torch.is_grad_enabled()
+
+    def task(part: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(grad):
+            return single_threaded(function, part)
+
+    chunks = batch.tensor_split(parts)
+    with torch_threads(), ThreadPoolExecutor(parts - 1, thread_name_prefix="reconpatch-features") as pool:
+        others = [pool.submit(task, chunk) for chunk in chunks[1:]]
+        first = task(chunks[0])
+        return torch.cat([first, *(other.result() for other in others)])
 
 
 @contextmanager

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..components.distributed import all_sum
 from ..components.progress import stop_if_terminated
+from ..components.threads import split_over_threads
 from .anomaly_map import largest_pixel
 from .lightning_model import ReConPatch
 from .torch_model import ENSEMBLE_IMAGE_SCORES, IMAGE_SCORES, ReConPatchModel
@@ -141,7 +142,7 @@ class EnsembleMember(ReConPatch):
         del args, kwargs
         images = self.new_images(batch)
         if len(images):
-            features = self.model.patch_features(images)
+            features = split_over_threads(self.model.patch_features, images)
             self.grid = (int(features.shape[-2]), int(features.shape[-1]))
             self.image_size = (int(images.shape[-2]), int(images.shape[-1]))
             self.store_features(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))

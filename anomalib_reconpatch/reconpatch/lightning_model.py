@@ -81,7 +81,7 @@ from ..components.preflight import preflight
 from ..components.progress import fit_progress, stop_if_terminated
 from ..components.resize import ExactExportPreProcessor
 from ..components.spill import FeatureSpill, SpilledFeatures, remove_orphaned_spills
-from ..components.threads import ThreadChooser, single_threaded, torch_threads
+from ..components.threads import ThreadChooser, single_threaded, split_over_threads, torch_threads
 from .loss import RelaxedContrastiveLoss
 from .quantize import quantize_on_training_images
 from .sampling import NEIGHBOR_POOL, neighbor_groups
@@ -487,7 +487,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         stop_if_terminated(self._trainer)  # Lightning alone would finish the epoch and the fit first
         images = self.new_images(batch)
         if len(images):
-            self.store_features(self.model(images))
+            self.store_features(split_over_threads(self.model, images))
         return torch.tensor(0.0, requires_grad=True, device=self.device)
 
     def on_train_batch_end(self, outputs: STEP_OUTPUT, batch: Batch, batch_idx: int) -> None:
