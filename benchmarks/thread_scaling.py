@@ -6,13 +6,14 @@
 On the training images and patches of ``--data`` it times four loops on one thread and on two, first
 alone and then beside ``--competitors`` busy-looping Python processes: ReConPatch's representation
 training (ms a step), this project's greedy k-center and anomalib's ``KCenterGreedy`` (ms a
-selection, over ``--selections`` selections), and the backbone pass (ms a training batch). Training runs twice: in a process of one thread, and with the next
-step's pseudo-labels on a second thread beside the step's own work (one thread each, what the model
-does on a busy CPU); on two threads both are the same all-thread step. So does our greedy k-center:
+selection, over ``--selections`` selections), and the backbone pass (ms a training batch).
+Training runs twice: in a process of one thread, and with the next step's pseudo-labels on a second
+thread beside the step's own work (one thread each, what the model does on a busy CPU); on two
+threads both are the same all-thread step. So does our greedy k-center:
 on one thread, and on two threads of one torch thread each that hold half the rows and meet once a
 selection (``threads=1``, what the model does on a busy CPU). The backbone pass over one training
 batch runs on all threads, and, in the last row's one-thread columns, as one-thread tasks on two
-parts of the batch (what the model's fit does on every CPU). A loop whose steps are many
+halves of the batch (what the model's fit does where torch has two threads). A loop whose steps are many
 small products gains from two threads alone but, under load, runs best on one (``ThreadChooser``
 picks it), where it gets a fair share of a core; so its slowdown against its best quiet time cannot
 fall below its two-thread speedup times the one-thread slowdown. A loop of a few large products,
@@ -91,6 +92,8 @@ def child(args: argparse.Namespace) -> None:
             model.train_representation(features)
         per_step = (time.perf_counter() - start) / args.steps
     elif args.child in LOOPS[2:4]:
+        if args.child == LOOPS[3] and len(features) < coreset.SHARD_MIN_ROWS:
+            raise SystemExit(f"{len(features)} patches: the model would not split fewer than {coreset.SHARD_MIN_ROWS}")
         start = time.perf_counter()
         coreset.greedy_k_center(features, args.selections, threads=1 if args.child == LOOPS[3] else None)
         per_step = (time.perf_counter() - start) / args.selections
@@ -137,7 +140,8 @@ def main() -> None:
     args.features.parent.mkdir(parents=True, exist_ok=True)
     torch.save(flat_patches(cache(model, datamodule.train_dataloader(), test=False)["features"]), args.features)
     torch.manual_seed(0)
-    images = model.pre_processor.transform(next(iter(datamodule.train_dataloader())).image)
+    # a plain tensor: torch.load reads no torchvision subclass
+    images = model.pre_processor.transform(next(iter(datamodule.train_dataloader())).image).as_subclass(torch.Tensor)
     torch.save(images, args.features.with_name("images.pt"))
     alone, loaded = measure(args, 0), measure(args, args.competitors)
     policy = f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} " if "OMP_WAIT_POLICY" in os.environ else ""

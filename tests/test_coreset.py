@@ -9,6 +9,7 @@ import torch
 from anomalib.models.components import KCenterGreedy
 
 from anomalib_reconpatch.components.coreset import FastKCenterGreedy, ProjectedBound, greedy_k_center
+from anomalib_reconpatch.components.threads import torch_threads
 
 
 def brute_force_k_center(features: torch.Tensor, n_select: int, start: int) -> list[int]:
@@ -103,15 +104,10 @@ def test_a_busy_cpus_selection_on_two_thread_shards_is_the_one_thread_selection_
 ) -> None:
     from anomalib_reconpatch.components import coreset
 
-    if torch.get_num_threads() < 2:
-        pytest.skip("one thread only: nothing to share the rows with")
     features = clustered_points(20000, 40, seed=7).float()
-    single = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads():
+        torch.set_num_threads(1)
         one_thread = greedy_k_center(features, 400)
-    finally:
-        torch.set_num_threads(single)
     set_up_by = []
     balls = coreset._balls
     monkeypatch.setattr(
@@ -120,13 +116,15 @@ def test_a_busy_cpus_selection_on_two_thread_shards_is_the_one_thread_selection_
         lambda rows, *args: set_up_by.append((threading.current_thread().name, len(rows))) or balls(rows, *args),
     )
     reported: list[int] = []
-    # as the model's fit selects after training chose one thread
-    sharded = FastKCenterGreedy(features, 0.02, threads=1).select_coreset_idxs(progress=reported.append)
+    with torch_threads():
+        torch.set_num_threads(2)  # the count it shards on
+        # as the model's fit selects after training chose one thread
+        sharded = FastKCenterGreedy(features, 0.02, threads=1).select_coreset_idxs(progress=reported.append)
+        assert torch.get_num_threads() == 2
     assert sorted(set_up_by) == [("reconpatch-coreset-0", 10000), ("reconpatch-coreset-1", 10000)]
     assert sharded == one_thread.tolist()
     assert reported[-1] == 400
     assert reported == sorted(reported)
-    assert torch.get_num_threads() == single
 
 
 @pytest.mark.parametrize("failing", ["a shard", "the caller"])
@@ -135,8 +133,6 @@ def test_a_failure_in_a_shard_or_the_caller_stops_every_shard_and_is_raised(
 ) -> None:
     from anomalib_reconpatch.components import coreset
 
-    if torch.get_num_threads() < 2:
-        pytest.skip("one thread only: no shards")
     features = clustered_points(20000, 40, seed=8).float()
     balls = coreset._balls
 
@@ -148,15 +144,19 @@ def test_a_failure_in_a_shard_or_the_caller_stops_every_shard_and_is_raised(
     def interrupted(count: int) -> None:
         raise KeyboardInterrupt
 
-    if failing == "a shard":
-        monkeypatch.setattr(coreset, "_balls", failing_balls)
-        with pytest.raises(MemoryError, match="shard 1 ran out"):
-            greedy_k_center(features, 2000, ball_size=64, threads=1)
-    else:
-        meetings: list[coreset.ThreadMeeting] = []
-        meeting = coreset.ThreadMeeting
-        monkeypatch.setattr(coreset, "ThreadMeeting", lambda shards: meetings.append(meeting(shards)) or meetings[-1])
-        with pytest.raises(KeyboardInterrupt):
-            greedy_k_center(features, 4000, ball_size=64, threads=1, progress=interrupted)
-        assert len(meetings[0].winners) < 4000  # the shards stopped at the meeting after the interruption
+    meetings: list[coreset.ThreadMeeting] = []
+    meeting = coreset.ThreadMeeting
+    monkeypatch.setattr(coreset, "ThreadMeeting", lambda shards: meetings.append(meeting(shards)) or meetings[-1])
+    with torch_threads():
+        torch.set_num_threads(2)
+        if failing == "a shard":
+            monkeypatch.setattr(coreset, "_balls", failing_balls)
+            with pytest.raises(MemoryError, match="shard 1 ran out"):
+                greedy_k_center(features, 2000, ball_size=64, threads=1)
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                greedy_k_center(features, 4000, ball_size=64, threads=1, progress=interrupted)
+            assert len(meetings[0].winners) < 4000  # the shards stopped at the meeting after the interruption
+        assert torch.get_num_threads() == 2
+    assert len(meetings) == 1
     assert not [thread for thread in threading.enumerate() if thread.name.startswith("reconpatch-coreset")]

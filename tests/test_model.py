@@ -17,6 +17,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from anomalib_reconpatch import ReConPatch, ReConPatchModel
+from anomalib_reconpatch.components.threads import torch_threads
 from anomalib_reconpatch.reconpatch.search import nearest_bank_distances, nearest_bank_rows, nearest_rows
 from anomalib_reconpatch.reconpatch.similarity import (
     knn_bandwidth,
@@ -440,8 +441,6 @@ def test_a_training_batch_passes_the_backbone_as_a_part_per_thread_giving_the_wh
 ) -> None:
     from anomalib.data import ImageBatch
 
-    if torch.get_num_threads() < 2:
-        pytest.skip("one thread only: the batch is not split")
     images = demo_images(demo_root, count=5)  # an odd count: parts of 3 and 2 images
     model = ReConPatch(backbone=BACKBONE, layers=LAYERS)
     model.on_train_epoch_start()
@@ -455,11 +454,11 @@ def test_a_training_batch_passes_the_backbone_as_a_part_per_thread_giving_the_wh
         return backbone(part)
 
     monkeypatch.setattr(model.model, "patch_features", spy)
-    before = torch.get_num_threads()
-    with torch.no_grad():
+    with torch_threads():
+        torch.set_num_threads(2)  # the count it splits on
         model.training_step(ImageBatch(image=images, image_path=[f"{i}.png" for i in range(5)]))
-    assert sorted(passes) == [("MainThread", 3, 1, False), ("reconpatch-features_0", 2, 1, False)]
-    assert torch.get_num_threads() == before
+        assert torch.get_num_threads() == 2
+    assert sorted(passes) == [("MainThread", 3, 1, True), ("reconpatch-features_0", 2, 1, True)]
     stored = torch.cat(model.feature_store)
     assert stored.shape == whole.shape == (5 * 32 * 32, 152)
     # the same patches in the same order (images differ by far more); one thread rounds otherwise than two

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from anomalib_reconpatch.components.threads import ThreadChooser, torch_threads
+from anomalib_reconpatch.components.threads import ThreadChooser, split_over_threads, torch_threads
 
 
 def run(chooser: ThreadChooser, steps: range, seconds: dict[int, float]) -> list[int]:
@@ -151,3 +151,31 @@ def test_training_returns_the_count_its_probe_chose_and_the_coreset_sets_up_on_i
     assert set_up_on == [1]
     assert torch.get_num_threads() == before
     assert torch.equal(selected, coreset.greedy_k_center(features, 30))
+
+
+def test_a_batch_split_over_threads_keeps_the_callers_modes_and_thread_count_and_raises_a_halfs_error() -> None:
+    seen, failing = [], []
+
+    def rows(images: torch.Tensor) -> torch.Tensor:
+        seen.append((threading.current_thread().name, len(images), torch.is_grad_enabled(), torch.get_num_threads()))
+        if failing and threading.current_thread().name != "MainThread":
+            raise ValueError("the second half failed")
+        return images.repeat_interleave(2, dim=0)  # two rows per image, in order
+
+    batch = torch.arange(5.0)[:, None].repeat(1, 3)
+    with torch_threads():
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            split = split_over_threads(rows, batch)
+        assert torch.equal(split, batch.repeat_interleave(2, dim=0))
+        assert sorted(seen) == [("MainThread", 3, False, 1), ("reconpatch-features_0", 2, False, 1)]
+        assert torch.get_num_threads() == 2
+        failing.append(True)
+        with pytest.raises(ValueError, match="second half"):
+            split_over_threads(rows, batch)
+        assert torch.get_num_threads() == 2
+        seen.clear()
+        split_over_threads(rows, batch[:1])  # one image: no second half
+        torch.set_num_threads(1)
+        split_over_threads(rows, batch)  # one thread: nothing to split over
+    assert seen == [("MainThread", 1, True, 2), ("MainThread", 5, True, 1)]

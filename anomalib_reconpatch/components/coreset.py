@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-from .threads import ThreadChooser, torch_threads
+from .threads import TASKS, ThreadChooser, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ class ThreadAgreement:
 def on_thread_shards(
     features: torch.Tensor,
     n_select: int,
-    shards: int = 2,
+    shards: int = TASKS,
     ball_size: int = 256,
     generator: torch.Generator | None = None,
     progress: Callable[[int], None] | None = None,
@@ -230,13 +230,14 @@ def on_thread_shards(
     The greedy selection on a busy CPU: the threads meet once a pick, sleeping until the last one
     arrives, where torch's own threads would meet, spinning, after each of the pick's dozen
     operations (``docs/design/busy-cpu.md``). The selection is the one of all rows in one thread (up
-    to ties), in the same order. The calling thread forwards ``progress``; if it is interrupted (or a
-    shard fails) every shard stops at its next meeting, and the exception is raised here.
+    to ties and the float rounding of equal distances), in the same order. The calling thread forwards
+    ``progress``; if it is interrupted (or a shard fails) every shard stops at its next meeting, and
+    the exception is raised here. Torch's thread count is restored.
 
     Args:
-        features (torch.Tensor): ``N x D`` rows.
+        features (torch.Tensor): ``N x D`` rows on the CPU, at least one per shard.
         n_select (int): Number of rows to select, in ``(0, N]``.
-        shards (int): Number of threads and parts. Defaults to ``2``.
+        shards (int): Number of threads and parts. Defaults to ``TASKS``.
         ball_size (int): Largest number of rows in one ball.
         generator (torch.Generator | None): Seeds each part's ball clustering (its seed plus the part's
             index); None seeds with 0.
@@ -257,14 +258,15 @@ def on_thread_shards(
     def select(rank: int) -> None:
         try:
             torch.set_num_threads(1)
-            selected[rank] = greedy_k_center(
-                parts[rank],
-                n_select,
-                ball_size=ball_size,
-                generator=torch.Generator().manual_seed(seed + rank),
-                progress=(lambda count: reported.__setitem__(0, count)) if rank == 0 else None,
-                agreement=ThreadAgreement(meeting, rank),
-            )
+            with torch.no_grad():
+                selected[rank] = greedy_k_center(
+                    parts[rank],
+                    n_select,
+                    ball_size=ball_size,
+                    generator=torch.Generator().manual_seed(seed + rank),
+                    progress=(lambda count: reported.__setitem__(0, count)) if rank == 0 else None,
+                    agreement=ThreadAgreement(meeting, rank),
+                )
         except BaseException as error:  # raised in the calling thread below
             errors.append(error)
             meeting.barrier.abort()
@@ -272,20 +274,27 @@ def on_thread_shards(
     workers = [
         threading.Thread(target=select, args=(rank,), name=f"reconpatch-coreset-{rank}") for rank in range(shards)
     ]
-    for worker in workers:
-        worker.start()
     forwarded = 0
-    try:
-        for worker in workers:
-            while worker.is_alive():
-                worker.join(POLL_S)
-                if progress is not None and reported[0] != forwarded:
-                    forwarded = reported[0]
-                    progress(forwarded)
-    finally:
-        meeting.barrier.abort()  # a no-op once every shard is done; otherwise each stops at its next meeting
-        for worker in workers:
-            worker.join()
+    with torch_threads():
+        try:
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                while worker.is_alive():
+                    worker.join(POLL_S)
+                    if progress is not None and reported[0] != forwarded:
+                        forwarded = reported[0]
+                        progress(forwarded)
+        except BaseException:
+            for error in errors:
+                if not isinstance(error, threading.BrokenBarrierError):
+                    logger.error("coreset shard failed while the selection was stopped: %r", error)
+            raise
+        finally:
+            meeting.barrier.abort()  # a no-op once every shard is done; otherwise each stops at its next meeting
+            for worker in workers:
+                if worker.ident is not None:
+                    worker.join()
     if errors:
         raise next((error for error in errors if not isinstance(error, threading.BrokenBarrierError)), errors[0])
     if progress is not None and forwarded != n_select:
@@ -349,9 +358,10 @@ def greedy_k_center(
             another's, in order: how a shard collects the whole coreset. Defaults to ``None``.
         threads (int | None): The thread count that a phase just before found faster (a ``ThreadChooser``'s
             ``verdict``): the set-up's products run on it and the loop starts on it. None sets up on all of
-            torch's threads and probes from the first step. 1 (a busy CPU), with torch allowed more, one
-            process and at least ``SHARD_MIN_ROWS`` rows, selects on two threads of one torch thread each,
-            each holding half the rows (:func:`on_thread_shards`). Defaults to ``None``.
+            torch's threads and probes from the first step. 1 (a busy CPU), where torch has ``TASKS`` (2)
+            threads, with no ``agreement`` across processes, no ``start``, no ``on_pick`` and at least
+            ``SHARD_MIN_ROWS`` rows on the CPU, selects on two threads of one torch thread each, each
+            holding half the rows (:func:`on_thread_shards`), without probing. Defaults to ``None``.
 
     Returns:
         torch.Tensor: The selected row indices of this shard (int64), in the order they were chosen; with
@@ -373,8 +383,9 @@ def greedy_k_center(
         and (agreement is None or isinstance(agreement, OneShard))
         and start is None
         and on_pick is None
-        and torch.get_num_threads() > 1
+        and torch.get_num_threads() == TASKS
         and len(features) >= SHARD_MIN_ROWS
+        and features.device.type == "cpu"
     ):
         return on_thread_shards(features, n_select, ball_size=ball_size, generator=generator, progress=progress)
     agreement = agreement or OneShard()

@@ -14,9 +14,9 @@ and its first probe waits a period. The measurements are in ``docs/design/busy-c
 For representation training "one" means one thread for each of two tasks: the step, and the next
 batch's pseudo-labels beside it (:func:`single_threaded`), which meet once a step.
 
-The backbone pass over a training batch needs no choice: :func:`split_over_threads` runs it as one
-one-thread task per torch thread, each on a part of the batch, faster than all threads on the whole
-batch on a quiet CPU and on a busy one.
+The backbone pass over a training batch needs no choice: where torch has two threads,
+:func:`split_over_threads` runs it as two one-thread tasks on half the batch each, faster than both
+threads on the whole batch on a quiet CPU and on a busy one.
 
 Example:
     >>> chooser = ThreadChooser(all_threads=2, probe=2, period=10)
@@ -40,6 +40,10 @@ import torch
 ABANDON = 3.0
 """A probe step on all threads that takes this many times the one-thread median ends the probe at once:
 on a busy CPU one such step costs as much as dozens of one-thread steps."""
+
+TASKS = 2
+"""One-thread tasks that share a phase's work on a busy CPU, and the thread count where the backbone pass and
+the coreset split theirs: the case measured, on a 2-core machine."""
 
 BACK_OFF = 1.5
 """When one count beats the other by more than this factor, the next probe comes twice as late."""
@@ -146,35 +150,40 @@ def single_threaded(function: Callable[..., T], *args: object) -> T:
 
 
 def split_over_threads(function: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
-    """``function(batch)`` as one-thread tasks, one per torch thread, each on consecutive images of the batch.
+    """``function(batch)`` as two one-thread tasks on a CPU of two threads, each on half the batch's images.
 
     A CNN's layers on a batch of images are hundreds of operations, each of which ends at a barrier
-    between torch's threads; a part of the batch per thread has none, and on 2 cores it is faster
-    both alone and beside busy processes (measured in ``docs/design/busy-cpu.md``). The caller's grad
-    mode holds in every task, and torch's thread count is restored.
+    between torch's threads; a half batch per thread has none. On 2 cores that is faster alone and
+    beside busy processes (measured in ``docs/design/busy-cpu.md``). With another thread count, on a
+    GPU or with one image, ``function`` runs on the whole batch as before: nothing was measured there.
+    Each task runs in the caller's grad, inference and CPU autocast modes, which are per thread, and
+    torch's thread count is restored.
 
     Args:
         function (Callable[[torch.Tensor], torch.Tensor]): Maps ``B x ...`` images to outputs whose first
             dimension runs over the images in order (one row or several per image).
-        batch (torch.Tensor): The images; on a GPU, or with one thread or image, ``function`` runs on all of it.
+        batch (torch.Tensor): The images.
 
     Returns:
-        torch.Tensor: The parts' outputs, concatenated in order.
+        torch.Tensor: The halves' outputs, concatenated in order.
     """
-    parts = min(torch.get_num_threads(), len(batch))
-    if parts < 2 or batch.device.type != "cpu":
+    if torch.get_num_threads() != TASKS or len(batch) < TASKS or batch.device.type != "cpu":
         return function(batch)
-    grad = torch.is_grad_enabled()
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    autocast, autocast_dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
 
     def task(part: torch.Tensor) -> torch.Tensor:
-        with torch.set_grad_enabled(grad):
+        with (
+            torch.inference_mode(inference),
+            torch.set_grad_enabled(grad),
+            torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast),
+        ):
             return single_threaded(function, part)
 
-    chunks = batch.tensor_split(parts)
-    with torch_threads(), ThreadPoolExecutor(parts - 1, thread_name_prefix="reconpatch-features") as pool:
-        others = [pool.submit(task, chunk) for chunk in chunks[1:]]
-        first = task(chunks[0])
-        return torch.cat([first, *(other.result() for other in others)])
+    first, second = batch.tensor_split(TASKS)
+    with torch_threads(), ThreadPoolExecutor(1, thread_name_prefix="reconpatch-features") as pool:
+        other = pool.submit(task, second)
+        return torch.cat([task(first), other.result()])
 
 
 @contextmanager
