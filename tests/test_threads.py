@@ -37,6 +37,25 @@ def test_a_busy_machine_moves_to_one_thread_after_one_slow_step_and_back_when_th
     assert set(quiet[6:]) == {2}
 
 
+def test_a_one_thread_probe_that_got_a_third_of_a_core_skips_the_all_thread_probe() -> None:
+    def drive(chooser: ThreadChooser, steps: range, share: float) -> list[int]:
+        chosen = []
+        for step in steps:
+            threads = chooser.threads(step)
+            chosen.append(threads)
+            seconds = 0.03 if threads == 1 else 0.9
+            chooser.record(step, seconds, cpu_seconds=share * seconds)
+        return chosen
+
+    busy = ThreadChooser(all_threads=2, probe=3, period=20)
+    assert drive(busy, range(60), share=0.33) == [1] * 60  # no all-thread step, not even at the next window
+    assert (busy.verdict, busy.gap) == (1, 80)
+    quiet = ThreadChooser(all_threads=2, probe=3, period=20)
+    assert drive(quiet, range(4), share=0.95) == [1, 1, 1, 2]  # on a core all the time: it probes
+    without_cpu_times = ThreadChooser(all_threads=2, probe=3, period=20)
+    assert run(without_cpu_times, range(4), {2: 0.9, 1: 0.03}) == [1, 1, 1, 2]
+
+
 def test_probes_back_off_while_one_count_clearly_wins_and_return_on_a_close_call() -> None:
     chooser = ThreadChooser(all_threads=2, probe=3, period=20, max_period=80)
     gaps = []
@@ -134,7 +153,8 @@ def test_training_returns_the_count_its_probe_chose_and_the_coreset_sets_up_on_i
     class BusyCpu(ThreadChooser):
         """A chooser whose all-thread steps are timed as a busy CPU times them."""
 
-        def record(self, step: int, seconds: float) -> None:
+        def record(self, step: int, seconds: float, cpu_seconds: float | None = None) -> None:
+            del cpu_seconds  # a core to itself: the all-thread probe runs
             super().record(step, 0.9 if torch.get_num_threads() > 1 else 0.12)
 
     monkeypatch.setattr("anomalib_reconpatch.reconpatch.lightning_model.ThreadChooser", BusyCpu)

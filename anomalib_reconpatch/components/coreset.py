@@ -432,7 +432,7 @@ def greedy_k_center(
             count = chooser.threads(step)
             if count != torch.get_num_threads():
                 torch.set_num_threads(count)
-            step_start = time.perf_counter()
+            step_start, cpu_start = time.perf_counter(), time.thread_time()
             to_centre = (centres - centre).norm(dim=1)
             active = (to_centre - radius - slack < ball_max.clamp_min(0).sqrt()).nonzero().squeeze(1)
             scanned += len(active)
@@ -469,7 +469,7 @@ def greedy_k_center(
                 ball_max[ball] = mind[ball].amax()
             if on_pick is not None:
                 on_pick(centre)
-            chooser.record(step, time.perf_counter() - step_start)
+            chooser.record(step, time.perf_counter() - step_start, time.thread_time() - cpu_start)
             if progress is not None and (step + 1) % PROGRESS_EVERY == 0:
                 progress(step + 1)
             if time.monotonic() - tick > 10:

@@ -48,6 +48,11 @@ the coreset split theirs: the case measured, on a 2-core machine."""
 BACK_OFF = 1.5
 """When one count beats the other by more than this factor, the next probe comes twice as late."""
 
+BUSY_SHARE = 0.6
+"""A one-thread probe whose thread was on a core for less than this share of its steps' time is on a busy CPU:
+other processes hold the cores, so the all-thread probe, one step of which can cost as much as dozens of
+one-thread steps there, is skipped as a clear loss."""
+
 T = TypeVar("T")
 
 
@@ -56,10 +61,11 @@ class ThreadChooser:
 
     A probe window runs ``probe`` steps on one thread, then ``probe`` steps on all threads, and the rest
     of the period on whichever had the lower median step time. Probing all threads on a busy CPU is what
-    costs: the all-thread probe stops after its first step if that step takes ``ABANDON`` times the
-    one-thread median, and while one count clearly wins (by ``BACK_OFF``) the period doubles, up to
-    ``max_period``; a close call brings it back to ``period``. With one thread in all there is nothing
-    to choose.
+    costs: the all-thread probe is skipped when the one-thread steps' thread got less than ``BUSY_SHARE`` of
+    a core (their CPU time, when :meth:`record` is given it), and stops after its first step if that step
+    takes ``ABANDON`` times the one-thread median; while one count clearly wins (by ``BACK_OFF``) the
+    period doubles, up to ``max_period``; a close call brings it back to ``period``. With one thread in
+    all there is nothing to choose.
 
     Args:
         all_threads (int): The thread count torch would use (``torch.get_num_threads()``).
@@ -82,6 +88,7 @@ class ThreadChooser:
         self.window = 0
         self.probing = start is None
         self.times: dict[int, list[float]] = {1: [], all_threads: []}
+        self.cpu: float | None = 0.0  # the one-thread probe's CPU seconds; None once a step came without them
         self.chosen = all_threads if start is None else start
         self.verdict: int | None = start
         """The count the last finished probe chose (or ``start``); None before any."""
@@ -106,29 +113,39 @@ class ThreadChooser:
             return self.all_threads
         return self.chosen
 
-    def record(self, step: int, seconds: float) -> None:
+    def record(self, step: int, seconds: float, cpu_seconds: float | None = None) -> None:
         """Note how long ``step`` took; once the window's probes are done, choose the faster count.
 
         Args:
             step (int): The step's index, as given to :meth:`threads`.
             seconds (float): Its wall-clock duration.
+            cpu_seconds (float | None): The CPU time of the thread that ran it (``time.thread_time``), which
+                tells a busy CPU from a slow step; None leaves the all-thread probe to the timings alone.
+                Defaults to ``None``.
         """
         if self.all_threads <= 1 or not self.probing:
             return
         offset = step - self.window
         if offset < self.probe:
             self.times[1].append(seconds)
+            self.cpu = None if cpu_seconds is None or self.cpu is None else self.cpu + cpu_seconds
+            if offset == self.probe - 1 and self.cpu is not None and self.cpu < BUSY_SHARE * sum(self.times[1]):
+                self._choose(1, clear=True)
             return
         self.times[self.all_threads].append(seconds)
         one = median(self.times[1])
         if seconds < ABANDON * one and offset < 2 * self.probe - 1:
             return
         many = median(self.times[self.all_threads])
-        self.chosen = self.verdict = 1 if one < many else self.all_threads
-        clear = max(one, many) > BACK_OFF * min(one, many)
+        self._choose(1 if one < many else self.all_threads, clear=max(one, many) > BACK_OFF * min(one, many))
+
+    def _choose(self, count: int, clear: bool) -> None:
+        """End the window's probes on ``count``; a clear win puts the next window twice as far."""
+        self.chosen = self.verdict = count
         self.gap = min(2 * self.gap, self.max_period) if clear else self.period
         self.probing = False
         self.times = {1: [], self.all_threads: []}
+        self.cpu = 0.0
 
 
 def single_threaded(function: Callable[..., T], *args: object) -> T:

@@ -670,7 +670,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
                 threads = REPRESENTATION_THREADS or chooser.threads(step)
                 if threads != torch.get_num_threads():
                     torch.set_num_threads(threads)
-                step_start = time.perf_counter()
+                step_start, cpu_start = time.perf_counter(), time.thread_time()
                 if step == 0:
                     x = self.draw_batch(features, batch_size, networks.target_f)
                     weights = self.representation_labels(networks, x)
@@ -695,7 +695,7 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
                     weights = self.representation_labels(networks, following) if labels is None else labels.result()
                     x = following
                 self.representation_ema(networks)
-                chooser.record(step, time.perf_counter() - step_start)
+                chooser.record(step, time.perf_counter() - step_start, time.thread_time() - cpu_start)
                 update(step + 1, loss=value)
                 if time.perf_counter() - tick > 10 or step + 1 == steps:
                     logger.info("ReConPatch representation step %d/%d, loss %.4f", step + 1, steps, value)
