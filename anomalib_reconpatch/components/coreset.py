@@ -274,7 +274,7 @@ def on_thread_shards(
     workers = [
         threading.Thread(target=select, args=(rank,), name=f"reconpatch-coreset-{rank}") for rank in range(shards)
     ]
-    forwarded = 0
+    forwarded, interrupted = 0, True
     with torch_threads():
         try:
             for worker in workers:
@@ -285,16 +285,15 @@ def on_thread_shards(
                     if progress is not None and reported[0] != forwarded:
                         forwarded = reported[0]
                         progress(forwarded)
-        except BaseException:
-            for error in errors:
-                if not isinstance(error, threading.BrokenBarrierError):
-                    logger.error("coreset shard failed while the selection was stopped: %r", error)
-            raise
+            interrupted = False
         finally:
             meeting.barrier.abort()  # a no-op once every shard is done; otherwise each stops at its next meeting
             for worker in workers:
                 if worker.ident is not None:
                     worker.join()
+            for error in errors if interrupted else []:  # the caller's exception goes on; a shard's is logged
+                if not isinstance(error, threading.BrokenBarrierError):
+                    logger.error("coreset shard failed while the selection was stopped: %r", error)
     if errors:
         raise next((error for error in errors if not isinstance(error, threading.BrokenBarrierError)), errors[0])
     if progress is not None and forwarded != n_select:
