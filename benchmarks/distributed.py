@@ -1,10 +1,11 @@
-"""One process against DDP on CPU processes (gloo): each rank's training rows, feature memory, peak RSS and phases.
+"""One process against DDP (gloo on CPUs, NCCL on GPUs): each rank's training rows, feature memory, peak RSS, phases.
 
 Runs the fit and test of ReConPatch on a datamodule YAML once in one process and once with
 ``--processes`` DDP processes, each in a fresh Python (Lightning's DDP launcher starts the other ranks
 by running the same command again), and writes a table: per rank, the training patches it held, their
 size, its peak resident memory (VmHWM), the fit's phases and the test metrics. With ``--num-steps 0``
-the bank is the one-process bank; the script says whether it is.
+the bank is the one-process bank; the script says whether it is. ``--accelerator gpu`` runs one process
+per GPU instead of per CPU process (NCCL).
 
     python benchmarks/distributed.py --data configs/data/mpdd_metal_plate.yaml --num-steps 0 --out FILE.md
 
@@ -44,15 +45,18 @@ def peak_rss_mb() -> float:
     return int(status.split("VmHWM:")[1].split()[0]) / 1024
 
 
-def fit_and_record(data: Path, record: Path, devices: int, num_steps: int | None, ratio: float) -> dict:
-    """Fit and test on the datamodule of ``data`` with ``devices`` CPU processes; write this rank's record.
+def fit_and_record(
+    data: Path, record: Path, devices: int, num_steps: int | None, ratio: float, accelerator: str = "cpu"
+) -> dict:
+    """Fit and test on the datamodule of ``data`` with ``devices`` processes; write this rank's record.
 
     Args:
         data (Path): A stock-CLI datamodule YAML (one category).
         record (Path): Folder for ``rank<R>.json`` and rank 0's ``bank.pt``.
-        devices (int): CPU processes; more than one runs DDP.
+        devices (int): Processes (one per CPU process or GPU); more than one runs DDP.
         num_steps (int | None): Representation training steps; None follows the data.
         ratio (float): Coreset sampling ratio.
+        accelerator (str): ``cpu`` (gloo) or ``gpu`` (NCCL). Defaults to ``"cpu"``.
 
     Returns:
         dict: This rank's record.
@@ -72,7 +76,7 @@ def fit_and_record(data: Path, record: Path, devices: int, num_steps: int | None
     engine = Engine(
         default_root_dir=record / "results",
         logger=False,
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
         enable_progress_bar=False,
@@ -93,14 +97,16 @@ def fit_and_record(data: Path, record: Path, devices: int, num_steps: int | None
     record.mkdir(parents=True, exist_ok=True)
     (record / f"rank{rank}.json").write_text(json.dumps(result))
     if rank == 0:
-        torch.save(model.chosen_bank, record / "bank.pt")
+        torch.save(model.chosen_bank.cpu(), record / "bank.pt")
     return result
 
 
-def run(data: Path, record: Path, devices: int, num_steps: int | None, ratio: float) -> list[dict]:
+def run(
+    data: Path, record: Path, devices: int, num_steps: int | None, ratio: float, accelerator: str = "cpu"
+) -> list[dict]:
     """One fresh-process run (with its DDP ranks); every rank's record, in rank order."""
     command = [sys.executable, __file__, "--rank-run", "--data", str(data), "--record", str(record)]
-    command += ["--processes", str(devices), "--coreset-ratio", str(ratio)]
+    command += ["--processes", str(devices), "--coreset-ratio", str(ratio), "--accelerator", accelerator]
     if num_steps is not None:
         command += ["--num-steps", str(num_steps)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -140,7 +146,8 @@ def main() -> int:
     """Run one process and DDP, compare, print (and write) the table; or, with ``--rank-run``, one run."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="a datamodule YAML of one category")
-    parser.add_argument("--processes", type=int, default=2, help="DDP processes (gloo, CPU)")
+    parser.add_argument("--processes", type=int, default=2, help="DDP processes (one per GPU with --accelerator gpu)")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu", help="cpu: gloo; gpu: NCCL")
     parser.add_argument("--num-steps", type=int, default=None, help="training steps; 0 compares the banks")
     parser.add_argument("--coreset-ratio", type=float, default=0.01)
     parser.add_argument("--out", type=Path, help="also write the table, with this command atop, to this file")
@@ -148,11 +155,13 @@ def main() -> int:
     parser.add_argument("--record", type=Path, help="with --rank-run: where the records go")
     args = parser.parse_args()
     if args.rank_run:
-        fit_and_record(args.data, args.record, args.processes, args.num_steps, args.coreset_ratio)
+        fit_and_record(args.data, args.record, args.processes, args.num_steps, args.coreset_ratio, args.accelerator)
         return 0
     with tempfile.TemporaryDirectory(prefix="distributed_") as tmp:
         runs = {
-            devices: run(args.data, Path(tmp) / f"p{devices}", devices, args.num_steps, args.coreset_ratio)
+            devices: run(
+                args.data, Path(tmp) / f"p{devices}", devices, args.num_steps, args.coreset_ratio, args.accelerator
+            )
             for devices in (1, args.processes)
         }
         banks = [torch.load(Path(tmp) / f"p{devices}" / "bank.pt") for devices in runs]
@@ -160,7 +169,7 @@ def main() -> int:
     lines = [
         f"data: {args.data}; tf_efficientnet_lite0 blocks.2+4, coreset {args.coreset_ratio}, "
         f"num_steps {args.num_steps if args.num_steps is not None else 'following the data'}; "
-        f"{os.cpu_count()} cores, each run in a fresh process",
+        f"{os.cpu_count()} cores, accelerator {args.accelerator}, each run in a fresh process",
         "",
         *table(runs),
         "",
@@ -171,7 +180,8 @@ def main() -> int:
     print("\n".join(lines))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        head = ["# One process against DDP on CPU processes", "", f"`{shlex.join(['python', *sys.argv])}`", ""]
+        where = "CPU processes" if args.accelerator == "cpu" else "GPUs"
+        head = [f"# One process against DDP on {where}", "", f"`{shlex.join(['python', *sys.argv])}`", ""]
         args.out.write_text("\n".join(head + lines) + "\n")
     return 0
 

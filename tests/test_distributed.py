@@ -1,4 +1,5 @@
-"""DDP on CPU (gloo): each rank reads its part of the data, and the bank and metrics are one process's."""
+"""DDP on CPU (gloo), and on two GPUs (NCCL) where there are: each rank reads its part of the data, and the bank
+and metrics are one process's."""
 
 from __future__ import annotations
 
@@ -62,6 +63,19 @@ def uneven_data(demo_root: Path, tmp_path: Path) -> Path:
     return data_config(root, tmp_path / "uneven.yaml", train_batch_size=11)
 
 
+# Each DDP test runs on CPU processes (gloo) and, on a machine with two CUDA GPUs, on them (NCCL).
+ACCELERATORS = pytest.mark.parametrize(
+    "accelerator",
+    [
+        "cpu",
+        pytest.param(
+            "gpu",
+            marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL DDP needs two CUDA GPUs"),
+        ),
+    ],
+)
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now, for the process group's rendezvous."""
     with socket.socket() as probe:
@@ -121,12 +135,15 @@ def printed_metric(output: str, name: str) -> float:
 
 
 @pytest.mark.slow
+@ACCELERATORS
 def test_two_process_ddp_fit_gives_the_one_process_bank_and_metrics_on_half_the_features_each(
-    lite_weights: None, uneven_data: Path, tmp_path: Path
+    lite_weights: None, uneven_data: Path, tmp_path: Path, accelerator: str
 ) -> None:
     driver = load_driver()
-    ranks = driver.run(uneven_data, tmp_path / "ddp", devices=2, num_steps=0, ratio=0.05)
-    alone = driver.fit_and_record(uneven_data, tmp_path / "alone", devices=1, num_steps=0, ratio=0.05)
+    ranks = driver.run(uneven_data, tmp_path / "ddp", devices=2, num_steps=0, ratio=0.05, accelerator=accelerator)
+    alone = driver.fit_and_record(
+        uneven_data, tmp_path / "alone", devices=1, num_steps=0, ratio=0.05, accelerator=accelerator
+    )
     assert [record["world"] for record in ranks] == [2, 2]
     assert sum(record["rows"] for record in ranks) == alone["rows"]
     assert max(record["feature_bytes"] for record in ranks) <= 0.55 * alone["feature_bytes"]
@@ -137,16 +154,19 @@ def test_two_process_ddp_fit_gives_the_one_process_bank_and_metrics_on_half_the_
 
 
 @pytest.mark.slow
-def test_stock_cli_trains_with_ddp_on_two_cpu_processes_within_seed_noise_of_one(
-    lite_weights: None, demo_root: Path, demo_data: Path, tmp_path: Path
+@ACCELERATORS
+def test_stock_cli_trains_with_ddp_on_two_processes_within_seed_noise_of_one(
+    lite_weights: None, demo_root: Path, demo_data: Path, tmp_path: Path, accelerator: str
 ) -> None:
-    trained_alone = load_driver().fit_and_record(demo_data, tmp_path / "alone", devices=1, num_steps=None, ratio=0.05)
+    trained_alone = load_driver().fit_and_record(
+        demo_data, tmp_path / "alone", devices=1, num_steps=None, ratio=0.05, accelerator=accelerator
+    )
     command = [str(Path(sys.executable).with_name("anomalib")), "train", "--model", "ReConPatch"]
     command += ["--model.backbone", "tf_efficientnet_lite0", "--model.layers", "[blocks.2, blocks.4]"]
     command += ["--model.coreset_sampling_ratio", "0.05", "--seed_everything", "0"]
     command += ["--data", "anomalib.data.MVTecAD", "--data.root", str(demo_root), "--data.category", "brick"]
     command += ["--data.num_workers", "0", "--data.val_split_mode", "same_as_test"]
-    command += ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    command += ["--trainer.accelerator", accelerator, "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     command += ["--default_root_dir", str(tmp_path / "cli")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path)
     output = done.stdout + done.stderr
