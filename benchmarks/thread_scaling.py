@@ -17,7 +17,9 @@ halves of the batch (what the model's fit does where torch has two threads). A l
 small products gains from two threads alone but, under load, runs best on one (``ThreadChooser``
 picks it), where it gets a fair share of a core; so its slowdown against its best quiet time cannot
 fall below its two-thread speedup times the one-thread slowdown. A loop of a few large products,
-like ``KCenterGreedy``'s, keeps gaining from two threads under load.
+like ``KCenterGreedy``'s, keeps gaining from two threads under load. For the two training loops on one
+thread the report also gives the CPU time a step of the thread that runs the step itself, alone and
+loaded, and the share of a core it got: the loaded step is that CPU time over that share.
 Each measurement runs in a fresh process, which inherits the environment:
 ``OMP_WAIT_POLICY=PASSIVE python benchmarks/thread_scaling.py ...`` measures GNU OpenMP's sleeping
 barriers instead of its spinning ones, and the report's command line shows it.
@@ -87,10 +89,11 @@ def child(args: argparse.Namespace) -> None:
     elif args.child in LOOPS[:2]:
         lightning_model.REPRESENTATION_THREADS = args.threads
         _, model = load_data(args, num_steps=args.steps)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         with torch.enable_grad():
             model.train_representation(features)
         per_step = (time.perf_counter() - start) / args.steps
+        step_cpu = (time.thread_time() - cpu_start) / args.steps
     elif args.child in LOOPS[2:4]:
         if args.child == LOOPS[3] and len(features) < coreset.SHARD_MIN_ROWS:
             raise SystemExit(f"{len(features)} patches: the model would not split fewer than {coreset.SHARD_MIN_ROWS}")
@@ -102,17 +105,20 @@ def child(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         sampler.select_coreset_idxs()
         per_step = (time.perf_counter() - start) / args.selections
-    print(json.dumps(1000 * per_step))
+    print(json.dumps({"ms": 1000 * per_step, "cpu_ms": 1000 * step_cpu if args.child in LOOPS[:2] else None}))
 
 
-def run_child(args: argparse.Namespace, loop: str, threads: int) -> float:
-    """Milliseconds a step of ``loop`` on ``threads`` threads, in a fresh process."""
+def run_child(args: argparse.Namespace, loop: str, threads: int) -> dict[str, float | None]:
+    """Milliseconds a step of ``loop`` on ``threads`` threads (``ms``), in a fresh process.
+
+    For training also the CPU milliseconds a step of the thread that runs the step itself (``cpu_ms``).
+    """
     command = [sys.executable, __file__, "--child", loop, "--threads", str(threads), *sys.argv[1:]]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return float(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def measure(args: argparse.Namespace, competitors: int) -> dict[tuple[str, int], float]:
+def measure(args: argparse.Namespace, competitors: int) -> dict[tuple[str, int], dict[str, float | None]]:
     """Every loop on one and on two threads, with ``competitors`` busy processes beside them."""
     with busy_processes(competitors):
         return {(loop, threads): run_child(args, loop, threads) for loop in LOOPS for threads in (1, 2)}
@@ -159,11 +165,25 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for loop in LOOPS:
-        one, two = alone[loop, 1], alone[loop, 2]
-        busy_one, busy_two = loaded[loop, 1], loaded[loop, 2]
+        one, two = alone[loop, 1]["ms"], alone[loop, 2]["ms"]
+        busy_one, busy_two = loaded[loop, 1]["ms"], loaded[loop, 2]["ms"]
         lines.append(
             f"| {loop} | {one:.1f} | {two:.1f} | {one / two:.2f}x | {busy_one:.1f} | {busy_two:.1f} | "
             f"{min(busy_one, busy_two) / min(one, two):.1f}x |"
+        )
+    lines += [
+        "",
+        "Training on one thread (beside it, the labels' thread): the CPU time a step of the thread that runs "
+        "the step itself, and the share of a core it got (CPU time over wall time).",
+        "",
+        "| loop | CPU ms alone | share alone | CPU ms loaded | share loaded | CPU time loaded / alone |",
+        "|---|---|---|---|---|---|",
+    ]
+    for loop in LOOPS[:2]:
+        quiet, busy = alone[loop, 1], loaded[loop, 1]
+        lines.append(
+            f"| {loop} | {quiet['cpu_ms']:.1f} | {quiet['cpu_ms'] / quiet['ms']:.2f} | {busy['cpu_ms']:.1f} | "
+            f"{busy['cpu_ms'] / busy['ms']:.2f} | {busy['cpu_ms'] / quiet['cpu_ms']:.2f}x |"
         )
     write_report("\n".join(lines) + "\n", args.out)
 
