@@ -362,6 +362,17 @@ def test_coreset_ratio_selecting_nothing_stops_before_training(
     assert counter.batches == 0
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "64-true"])
+def test_a_precision_other_than_float32_stops_fit_before_any_batch_saying_what_to_set(
+    lite_weights: None, demo_root: Path, tmp_path: Path, precision: str
+) -> None:
+    counter = BatchCounter()
+    engine = Engine(default_root_dir=tmp_path, logger=False, callbacks=[counter], precision=precision)
+    with pytest.raises(ValueError, match=rf"^--trainer.precision {precision}: .* default, 32\.$"):
+        engine.fit(model=ReConPatch(**SETTINGS), datamodule=MVTecAD(root=demo_root, category="brick", num_workers=0))
+    assert counter.batches == 0
+
+
 @pytest.mark.parametrize(
     ("override", "shown"),
     [

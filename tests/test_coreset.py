@@ -160,3 +160,11 @@ def test_a_failure_in_a_shard_or_the_caller_stops_every_shard_and_is_raised(
         assert torch.get_num_threads() == 2
     assert len(meetings) == 1
     assert not [thread for thread in threading.enumerate() if thread.name.startswith("reconpatch-coreset")]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA GPU")
+def test_a_gpu_embeddings_coreset_is_the_cpu_coreset_back_on_the_gpu() -> None:
+    features = clustered_points(3000, 16, seed=4)
+    bank = FastKCenterGreedy(features.cuda(), 0.05).sample_coreset()
+    assert bank.device.type == "cuda"
+    assert torch.equal(bank.cpu(), FastKCenterGreedy(features, 0.05).sample_coreset())

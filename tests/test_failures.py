@@ -64,6 +64,19 @@ def test_auroc_is_nan_with_the_reason_on_one_class_targets_and_anomalibs_value_o
     assert "pixel_AUROC is undefined (NaN): no test mask marks a defective pixel" in caplog.text
 
 
+def test_auroc_synced_over_ranks_is_nan_on_one_class_targets_too(caplog: pytest.LogCaptureFixture) -> None:
+    metric = UndefinedAwareAUROC(fields=["pred_score", "gt_label"], prefix="image_")
+    metric.update(
+        ImageBatch(image=torch.zeros(3, 3, 8, 8), pred_score=torch.rand(3), gt_label=torch.zeros(3, dtype=int))
+    )
+    # torchmetrics' own sync, as a DDP run of one rank makes it: the list of batches becomes one tensor
+    metric.sync(dist_sync_fn=lambda tensor, group=None: [tensor], distributed_available=lambda: True)
+    assert isinstance(metric.target, torch.Tensor)
+    with caplog.at_level(logging.WARNING):
+        assert math.isnan(metric.compute().item())
+    assert "image_AUROC is undefined (NaN): every test image is labelled normal" in caplog.text
+
+
 def test_unpaired_lists_images_without_masks_and_masks_without_images(tmp_path: Path) -> None:
     images = [tmp_path / "test" / name for name in ("000.png", "001.png", "002.png")]
     masks = [tmp_path / "gt" / name for name in ("000_mask.png", "002.png", "007_mask.png")]

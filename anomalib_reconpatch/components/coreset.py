@@ -486,10 +486,12 @@ class FastKCenterGreedy:
     The selection is :func:`greedy_k_center`, which skips the distance updates that the triangle
     inequality proves useless. Unlike anomalib's, it runs on the features themselves (no random
     projection): the greedy radius is then measured in the very metric the nearest-neighbour scores
-    use. See ``docs/design/coreset-pruning.md``.
+    use. See ``docs/design/coreset-pruning.md``. It selects on the CPU whatever the features' device:
+    each pick is a decision in Python that a GPU would wait on, and the balls, bounds and thread halves
+    are built for the CPU's caches; the chosen rows come back on the features' device.
 
     Args:
-        embedding (torch.Tensor): ``N x D`` patch features.
+        embedding (torch.Tensor): ``N x D`` patch features, on any device.
         sampling_ratio (float): Fraction of the rows to keep; the coreset has ``int(N * sampling_ratio)`` rows.
         agreement (Agreement | None): How the processes that each hold a shard of the rows agree on each
             pick; None for one process holding every row. Defaults to ``None``.
@@ -516,7 +518,8 @@ class FastKCenterGreedy:
         agreement: Agreement | None = None,
         threads: int | None = None,
     ) -> None:
-        self.embedding = embedding
+        self.device = embedding.device
+        self.embedding = embedding.cpu()
         self.agreement = agreement or OneShard()
         self.threads = threads
         self.total_rows = int(self.agreement.total(torch.tensor([embedding.shape[0]]))[0])
@@ -561,9 +564,9 @@ class FastKCenterGreedy:
         if self.coreset_size >= self.total_rows:
             if progress is not None:
                 progress(self.coreset_size)
-            return self.agreement.gather(self.embedding)[: self.coreset_size]
+            return self.agreement.gather(self.embedding)[: self.coreset_size].to(self.device)
         if isinstance(self.agreement, OneShard):
-            return self.embedding[self.select_coreset_idxs(progress)]
+            return self.embedding[self.select_coreset_idxs(progress)].to(self.device)
         rows: list[torch.Tensor] = []
         greedy_k_center(
             self.embedding,
@@ -573,4 +576,4 @@ class FastKCenterGreedy:
             on_pick=rows.append,
             threads=self.threads,
         )
-        return torch.stack(rows)
+        return torch.stack(rows).to(self.device)

@@ -67,8 +67,8 @@ class UndefinedAwareAUROC(AUROC):
         Returns:
             torch.Tensor | None: The AUROC, NaN when undefined, ``None`` when never updated (non-strict).
         """
-        targets = getattr(self, "target", None)
-        if self._update_count > 0 and isinstance(targets, list) and targets:
+        targets = getattr(self, "target", None)  # a list of batches; one tensor once synced over DDP ranks
+        if self._update_count > 0 and (isinstance(targets, torch.Tensor) or (isinstance(targets, list) and targets)):
             only = missing_class(dim_zero_cat(targets))
             if only is not None:
                 logger.warning("%s is undefined (NaN): %s.", self.name, MISSING_CLASS[self.level, only])

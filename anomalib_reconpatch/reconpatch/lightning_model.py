@@ -93,6 +93,7 @@ from .validation import (
     check_checkpoint_matches,
     check_image_score,
     check_image_score_matches,
+    check_precision,
     check_training_size,
     validate_hyperparameters,
 )
@@ -579,6 +580,8 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
             start = time.perf_counter()
             with torch.inference_mode(False), torch.enable_grad():
                 threads = self.train_representation(features)
+            if self.device.type != "cpu":  # a verdict timed on GPU steps says nothing of the CPU's threads
+                threads = None
             representation_s = time.perf_counter() - start
             start = time.perf_counter()
             with torch.no_grad(), torch_threads():
@@ -810,11 +813,14 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
             stage (str): Lightning stage (``fit``, ``validate``, ``test`` or ``predict``).
 
         Raises:
-            ValueError: If an image or mask cannot be read (``UnreadableImageError``, every such file
-                named), 16-bit images meet augmentations other than resizes, or (when fitting) the
-                training set is empty or too small for ``k`` or the coreset ratio.
+            ValueError: If the trainer's precision is not float32, an image or mask cannot be read
+                (``UnreadableImageError``, every such file named), 16-bit images meet augmentations other
+                than resizes, or (when fitting) the training set is empty or too small for ``k`` or the
+                coreset ratio.
         """
         super().setup(stage)
+        if self._trainer is not None:
+            check_precision(self._trainer.precision)
         scan = preflight(self, stage)
         if scan is not None and stage == "fit":
             warn_skipped_links(self.trainer.datamodule)

@@ -23,7 +23,7 @@ See Also:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -114,7 +114,7 @@ def centred_rotated_frame(
     dim = bank.shape[1]
     gaussian = torch.randn(dim, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     q, r = torch.linalg.qr(gaussian)
-    rotation = q * r.diagonal().sign()
+    rotation = (q * r.diagonal().sign()).to(weight.device)  # drawn on the CPU: the same rotation on any device
     mean = bank.double().mean(0)
     return (
         (rotation @ weight.double()).to(weight.dtype),
@@ -356,6 +356,15 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
             index = build_index(self.memory_bank, self.search)
             self._indexes[self.search] = (self.memory_bank, index)
         return index
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> ReConPatchModel:
+        """Moving or casting the module (``.to``, ``.cpu``) replaces the bank: drop the index and its old bank.
+
+        Otherwise the index would keep the former bank alive, on the GPU after Lightning's teardown moves the
+        model to the CPU, and ``torch.save`` of the model would write it.
+        """
+        self._indexes.clear()
+        return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
         """Loading copies into the bank in place: drop the index so the next search rebuilds it."""

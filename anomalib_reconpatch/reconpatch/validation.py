@@ -1,4 +1,4 @@
-"""What ReConPatch refuses, and how it says so: settings, training-set size and checkpoints.
+"""What ReConPatch refuses, and how it says so: settings, precision, training-set size and checkpoints.
 
 Each check runs before the work it protects (construction, feature extraction, loading) and raises
 one ``ValueError`` that names the setting or file and says what to pass instead.
@@ -167,6 +167,36 @@ def check_training_size(module: Any, datamodule: Any, scan: ImageScan) -> None:
             f"--model.coreset_sampling_ratio={ratio} keeps no memory-bank point of the {n_patches} training patches "
             f"({n_images} image(s) x {grid[0]}x{grid[1]} patches): set it to at least 1/{n_patches} "
             "or add training images."
+        )
+        raise ValueError(msg)
+
+
+def check_precision(precision: str) -> None:
+    """Refuse a Lightning precision other than float32, before any image is read.
+
+    The memory bank, the thresholds and the exported graph all measure patch distances in float32. Under
+    a mixed precision the backbone's features would come in half precision and the search's
+    ``|q|^2 - 2 q.b + |b|^2`` would cancel in it; under a true half or double precision ``f`` and the bank
+    would change type. Either way the validation scores, and the thresholds set on them, would not be
+    those of the exported model.
+
+    Args:
+        precision (str): The trainer's precision (``trainer.precision``), e.g. ``32-true`` or ``bf16-mixed``.
+
+    Raises:
+        ValueError: If it is not ``32-true``.
+
+    Example:
+        >>> check_precision("32-true")
+        >>> check_precision("bf16-mixed")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: --trainer.precision bf16-mixed: ReConPatch computes ... in float32, ... its default, 32.
+    """
+    if str(precision) not in ("32-true", "32"):
+        msg = (
+            f"--trainer.precision {precision}: ReConPatch computes its features and distances in float32, "
+            "as its exported model does; leave the precision at its default, 32."
         )
         raise ValueError(msg)
 
