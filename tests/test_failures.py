@@ -65,13 +65,16 @@ def test_auroc_is_nan_with_the_reason_on_one_class_targets_and_anomalibs_value_o
 
 
 def test_auroc_synced_over_ranks_is_nan_on_one_class_targets_too(caplog: pytest.LogCaptureFixture) -> None:
-    metric = UndefinedAwareAUROC(fields=["pred_score", "gt_label"], prefix="image_")
+    # compute syncs the states as under DDP (here over one rank), which turns the list of batches into a tensor
+    metric = UndefinedAwareAUROC(
+        fields=["pred_score", "gt_label"],
+        prefix="image_",
+        dist_sync_fn=lambda tensor, group=None: [tensor],
+        distributed_available_fn=lambda: True,
+    )
     metric.update(
         ImageBatch(image=torch.zeros(3, 3, 8, 8), pred_score=torch.rand(3), gt_label=torch.zeros(3, dtype=int))
     )
-    # torchmetrics' own sync, as a DDP run of one rank makes it: the list of batches becomes one tensor
-    metric.sync(dist_sync_fn=lambda tensor, group=None: [tensor], distributed_available=lambda: True)
-    assert isinstance(metric.target, torch.Tensor)
     with caplog.at_level(logging.WARNING):
         assert math.isnan(metric.compute().item())
     assert "image_AUROC is undefined (NaN): every test image is labelled normal" in caplog.text
