@@ -173,8 +173,9 @@ def main() -> None:
         )
     lines += [
         "",
-        "Training on one thread (beside it, the labels' thread): the CPU time a step of the thread that runs "
-        "the step itself, and the share of a core it got (CPU time over wall time).",
+        "Training on one thread (the second row with the next labels on a second thread beside it): the CPU "
+        "time a step of the thread that runs the step itself, and the share of a core it got (CPU time over "
+        "wall time).",
         "",
         "| loop | CPU ms alone | share alone | CPU ms loaded | share loaded | CPU time loaded / alone |",
         "|---|---|---|---|---|---|",

@@ -26,7 +26,7 @@ DRIVER = Path(__file__).parents[1] / "benchmarks" / "distributed.py"
 
 
 def load_driver() -> ModuleType:
-    """``benchmarks/distributed.py`` as a module: its one-process run is called in this process."""
+    """``benchmarks/distributed.py`` as a module, whose ``run`` fits in fresh processes."""
     spec = importlib.util.spec_from_file_location("distributed_benchmark", DRIVER)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -183,8 +183,6 @@ def test_a_one_gpu_fit_scores_the_test_set_as_the_cpu_fit_does(
     driver = load_driver()
     gpu = driver.run(demo_data, tmp_path / "gpu", devices=1, num_steps=None, ratio=0.05, accelerator="gpu")[0]
     cpu = driver.run(demo_data, tmp_path / "cpu", devices=1, num_steps=None, ratio=0.05, accelerator="cpu")[0]
-    assert gpu["rows"] == cpu["rows"]
-    assert torch.load(tmp_path / "gpu" / "bank.pt").shape == torch.load(tmp_path / "cpu" / "bank.pt").shape
     # cuDNN's convolutions round otherwise (TF32 by default on recent GPUs): close, not equal
     for key in ("image_AUROC", "pixel_AUROC"):
         assert gpu["metrics"][key] == pytest.approx(cpu["metrics"][key], abs=0.01)

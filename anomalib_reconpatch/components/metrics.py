@@ -68,7 +68,8 @@ class UndefinedAwareAUROC(AUROC):
             torch.Tensor | None: The AUROC, NaN when undefined, ``None`` when never updated (non-strict).
         """
         targets = getattr(self, "target", None)  # a list of batches; one tensor once synced over DDP ranks
-        if self._update_count > 0 and (isinstance(targets, torch.Tensor) or (isinstance(targets, list) and targets)):
+        # a rank without test images of its own still gets the others' targets in the synced tensor
+        if isinstance(targets, torch.Tensor) or (self._update_count > 0 and isinstance(targets, list) and targets):
             only = missing_class(dim_zero_cat(targets))
             if only is not None:
                 logger.warning("%s is undefined (NaN): %s.", self.name, MISSING_CLASS[self.level, only])

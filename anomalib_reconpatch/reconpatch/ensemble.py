@@ -87,7 +87,7 @@ class TrainingStatistics:
         Args:
             values (torch.Tensor): Any shape.
         """
-        values = values.detach().double()
+        values = values.detach().to("cpu", torch.float64)  # float64 on the CPU: not every GPU has it
         self.count += values.numel()
         self.total += float(values.sum())
         self.squares += float(values.pow(2).sum())

@@ -114,12 +114,14 @@ def centred_rotated_frame(
     dim = bank.shape[1]
     gaussian = torch.randn(dim, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     q, r = torch.linalg.qr(gaussian)
-    rotation = (q * r.diagonal().sign()).to(weight.device)  # drawn on the CPU: the same rotation on any device
-    mean = bank.double().mean(0)
+    rotation = q * r.diagonal().sign()
+    # on the CPU, in float64 (which some GPUs lack), so that every device gets the same fold
+    weight_64, bias_64, bank_64 = (tensor.detach().to("cpu", torch.float64) for tensor in (weight, bias, bank))
+    mean = bank_64.mean(0)
     return (
-        (rotation @ weight.double()).to(weight.dtype),
-        (rotation @ (bias.double() - mean)).to(bias.dtype),
-        ((bank.double() - mean) @ rotation.T).to(bank.dtype),
+        (rotation @ weight_64).to(weight.device, weight.dtype),
+        (rotation @ (bias_64 - mean)).to(bias.device, bias.dtype),
+        ((bank_64 - mean) @ rotation.T).to(bank.device, bank.dtype),
     )
 
 
@@ -358,13 +360,15 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         return index
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> ReConPatchModel:
-        """Moving or casting the module (``.to``, ``.cpu``) replaces the bank: drop the index and its old bank.
+        """Move or cast the module (``.to``, ``.cpu``), dropping the indexes of a bank that this replaced.
 
-        Otherwise the index would keep the former bank alive, on the GPU after Lightning's teardown moves the
-        model to the CPU, and ``torch.save`` of the model would write it.
+        Otherwise an index would keep the former bank alive, on the GPU after Lightning's teardown moves the
+        model to the CPU, and ``torch.save`` of the model would write it. A move that keeps the bank (a CPU
+        model's ``.cpu()``) keeps its index.
         """
-        self._indexes.clear()
-        return super()._apply(fn, recurse)
+        module = super()._apply(fn, recurse)
+        self._indexes = {kind: entry for kind, entry in self._indexes.items() if entry[0] is self.memory_bank}
+        return module
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
         """Loading copies into the bank in place: drop the index so the next search rebuilds it."""

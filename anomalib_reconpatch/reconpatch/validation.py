@@ -193,7 +193,7 @@ def check_precision(precision: str) -> None:
         ...
         ValueError: --trainer.precision bf16-mixed: ReConPatch computes ... in float32, ... its default, 32.
     """
-    if str(precision) not in ("32-true", "32"):
+    if str(precision) != "32-true":  # Lightning spells 32, "32" and its default this way
         msg = (
             f"--trainer.precision {precision}: ReConPatch computes its features and distances in float32, "
             "as its exported model does; leave the precision at its default, 32."
