@@ -51,7 +51,7 @@ LOOPS = (
 
 
 def child(args: argparse.Namespace) -> None:
-    """Time one loop on ``--threads`` threads and print ms per step as JSON."""
+    """Time one loop on ``--threads`` threads; print ms per step (and, for training, its thread's CPU ms) as JSON."""
     import torch
     from anomalib.models.components import KCenterGreedy
     from common import load_data

@@ -580,8 +580,6 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
             start = time.perf_counter()
             with torch.inference_mode(False), torch.enable_grad():
                 threads = self.train_representation(features)
-            if self.device.type != "cpu":  # a verdict timed on GPU steps says nothing of the CPU's threads
-                threads = None
             representation_s = time.perf_counter() - start
             start = time.perf_counter()
             with torch.no_grad(), torch_threads():
@@ -644,7 +642,8 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
 
         Returns:
             int | None: The thread count that the training's last probe found faster on this CPU, which the
-            embedding and the coreset start on; None when training was too short to probe.
+            embedding and the coreset start on; None when training was too short to probe, or ran on a GPU,
+            whose steps say nothing of the CPU's threads.
 
         Raises:
             ValueError: If ``N`` is not more than ``k``.
@@ -704,6 +703,8 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
                     logger.info("ReConPatch representation step %d/%d, loss %.4f", step + 1, steps, value)
                     tick = time.perf_counter()
         networks.online_f.requires_grad_(False)
+        if self.device.type != "cpu":
+            return None
         return REPRESENTATION_THREADS or chooser.verdict
 
     def representation_networks(self, steps: int) -> RepresentationNetworks:
