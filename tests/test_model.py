@@ -6,6 +6,7 @@ import copy
 import itertools
 import math
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,12 @@ from anomalib_reconpatch.reconpatch.similarity import (
     pseudo_labels,
     squared_distances,
 )
-from anomalib_reconpatch.reconpatch.torch_model import centred_rotated_frame, ema_update, reweighted_image_score
+from anomalib_reconpatch.reconpatch.torch_model import (
+    centred_rotated_frame,
+    ema_update,
+    ieee_float32,
+    reweighted_image_score,
+)
 
 from .conftest import BACKBONE, LAYERS
 
@@ -161,6 +167,49 @@ def test_pairwise_similarity_is_informative_on_real_features(lite_weights: None,
     off = scaled[~torch.isnan(scaled)]
     assert 0.005 < (off > 0.3).float().mean() < 0.2  # close pairs are similar, most pairs are not
     assert off.median() < 0.1
+
+
+@pytest.fixture
+def tf32_allowed() -> Iterator[None]:
+    """TF32 allowed for cuDNN convolutions (torch's default) and CUDA matmuls (Lightning's suggestion), then reset."""
+    matmul, convolution = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    yield
+    torch.set_float32_matmul_precision(matmul)
+    torch.backends.cudnn.allow_tf32 = convolution
+
+
+def test_full_float32_holds_only_inside_cuda_work_and_the_users_tf32_choice_returns(tf32_allowed: None) -> None:
+    with ieee_float32(torch.device("cpu")):
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cudnn.allow_tf32
+    with ieee_float32(torch.device("cuda")):  # only flags: no GPU needed
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert not torch.backends.cudnn.allow_tf32
+    assert torch.get_float32_matmul_precision() == "high"
+    assert torch.backends.cudnn.allow_tf32
+    with pytest.raises(KeyboardInterrupt), ieee_float32(torch.device("cuda")):
+        raise KeyboardInterrupt
+    assert torch.get_float32_matmul_precision() == "high"
+    assert torch.backends.cudnn.allow_tf32
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA GPU")
+def test_a_gpu_scores_real_images_as_the_cpu_does_with_tf32_allowed(
+    lite_weights: None, demo_root: Path, tf32_allowed: None
+) -> None:
+    # TF32 keeps 10 mantissa bits: distances about 1e-3 off, ten times this tolerance
+    model = ReConPatchModel(BACKBONE, LAYERS).eval()
+    images = demo_images(demo_root, "test/patch", 3)
+    with torch.no_grad():
+        model.memory_bank = model.train()(demo_images(demo_root))[::7]
+        model.fold_bank_frame()
+        cpu = model.eval()(images)
+        gpu = model.cuda()(images.cuda())
+    scale = float(cpu.anomaly_map.max())
+    assert torch.allclose(gpu.anomaly_map.cpu(), cpu.anomaly_map, atol=2e-4 * scale)
+    assert torch.allclose(gpu.pred_score.cpu(), cpu.pred_score, atol=2e-4 * scale)
 
 
 @pytest.fixture(scope="module")

@@ -86,7 +86,7 @@ from .loss import RelaxedContrastiveLoss
 from .quantize import quantize_on_training_images
 from .sampling import NEIGHBOR_POOL, neighbor_groups
 from .similarity import DEFAULT_SIGMA, pseudo_labels
-from .torch_model import ENSEMBLE_IMAGE_SCORES, IMAGE_SCORES, ReConPatchModel, ema_update
+from .torch_model import ENSEMBLE_IMAGE_SCORES, IMAGE_SCORES, ReConPatchModel, ema_update, ieee_float32
 from .validation import (
     ARCHITECTURE_KEY,
     architecture,
@@ -556,47 +556,48 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
         Spilled features are read from their file (mini-batches, then the embedding pass in chunks) and
         the file is deleted at the end, also when training fails. The bank is then folded into its
         centred, rotated frame (see ``docs/design/bank-fold.md``), and the phases' durations are kept in
-        ``fit_timings``.
+        ``fit_timings``. On a GPU it all runs in full float32 (:func:`ieee_float32`).
 
         Raises:
             ValueError: If no training features were stored, or there are no more than ``k`` of them.
             FloatingPointError: If the features hold NaN or inf, or training diverges.
         """
         features_s = time.perf_counter() - self._epoch_start
-        spill, self.feature_spill = self.feature_spill, None
-        try:
-            features: torch.Tensor | SpilledFeatures
-            if spill is not None:
-                features = spill.features()
-            elif self.feature_store:
-                features = torch.cat(self.feature_store)
-                self.feature_store.clear()
-                if not torch.isfinite(features).all():
-                    raise FloatingPointError(NON_FINITE)
-            else:
-                msg = "ReConPatch has no training features: the training dataloader yielded no images."
-                raise ValueError(msg)
-            self.spilled_rows = len(features) if spill is not None else 0
-            start = time.perf_counter()
-            with torch.inference_mode(False), torch.enable_grad():
-                threads = self.train_representation(features)
-            representation_s = time.perf_counter() - start
-            start = time.perf_counter()
-            with torch.no_grad(), torch_threads():
-                if threads is not None:  # the count training just found faster, as the coreset's start
-                    torch.set_num_threads(threads)
-                embedded = torch.cat([self.model.embed(chunk.to(self.device)) for chunk in features.split(65536)])
-            del features
-        finally:
-            if spill is not None:
-                spill.close()
-        sampler = FastKCenterGreedy(
-            embedded, self.coreset_sampling_ratio, agreement=coreset_agreement(), threads=threads
-        )
-        with fit_progress(self._trainer, "ReConPatch coreset", sampler.coreset_size) as update:
-            self.model.memory_bank = sampler.sample_coreset(progress=update)
-        self.on_memory_bank(embedded)
-        self.model.fold_bank_frame()
+        with ieee_float32(self.device):  # a GPU fit's bank as the float32 export computes it
+            spill, self.feature_spill = self.feature_spill, None
+            try:
+                features: torch.Tensor | SpilledFeatures
+                if spill is not None:
+                    features = spill.features()
+                elif self.feature_store:
+                    features = torch.cat(self.feature_store)
+                    self.feature_store.clear()
+                    if not torch.isfinite(features).all():
+                        raise FloatingPointError(NON_FINITE)
+                else:
+                    msg = "ReConPatch has no training features: the training dataloader yielded no images."
+                    raise ValueError(msg)
+                self.spilled_rows = len(features) if spill is not None else 0
+                start = time.perf_counter()
+                with torch.inference_mode(False), torch.enable_grad():
+                    threads = self.train_representation(features)
+                representation_s = time.perf_counter() - start
+                start = time.perf_counter()
+                with torch.no_grad(), torch_threads():
+                    if threads is not None:  # the count training just found faster, as the coreset's start
+                        torch.set_num_threads(threads)
+                    embedded = torch.cat([self.model.embed(chunk.to(self.device)) for chunk in features.split(65536)])
+                del features
+            finally:
+                if spill is not None:
+                    spill.close()
+            sampler = FastKCenterGreedy(
+                embedded, self.coreset_sampling_ratio, agreement=coreset_agreement(), threads=threads
+            )
+            with fit_progress(self._trainer, "ReConPatch coreset", sampler.coreset_size) as update:
+                self.model.memory_bank = sampler.sample_coreset(progress=update)
+            self.on_memory_bank(embedded)
+            self.model.fold_bank_frame()
         self.fit_timings = {
             "features_s": features_s,
             "representation_s": representation_s,

@@ -46,6 +46,8 @@ from .search import (
     search_index,
 )
 
+NOT_FITTED = "ReConPatch has no memory bank yet: train it (engine.fit) or load a fitted checkpoint before testing."
+
 IMAGE_SCORES = ("patches", "map")
 """How a single model scores an image: PatchCore's re-weighted largest patch distance, or the largest pixel
 of its anomaly map (measured in ``docs/design/image-score.md``)."""
@@ -53,6 +55,36 @@ of its anomaly map (measured in ``docs/design/image-score.md``)."""
 ENSEMBLE_IMAGE_SCORES = ("members", "map")
 """How an ensemble of these models scores an image: the mean of its members' standardised image scores, or
 the largest pixel of its averaged map (measured in ``docs/design/ensemble.md``)."""
+
+
+@contextmanager
+def ieee_float32(device: torch.device) -> Iterator[None]:
+    """On a CUDA device, run cuDNN convolutions and CUDA matmuls in full float32 (no TF32) while active.
+
+    cuDNN allows TF32 convolutions by default, and Lightning suggests TF32 matmuls on GPUs with tensor
+    cores; TF32 keeps 10 mantissa bits, so a GPU fit's features, bank and thresholds would sit about 1e-3
+    away from what the float32 export computes on a CPU. Both settings are restored on leaving, so the
+    user's own choice holds outside the model. Nothing changes on other devices.
+
+    Args:
+        device (torch.device): The device the work runs on.
+
+    Yields:
+        None: Control, with full float32 on CUDA.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    matmul = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with cudnn.flags(
+            enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
+        ):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
 
 
 def identity_linear(dim: int) -> nn.Linear:
@@ -376,7 +408,7 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
-        """Extract patch features in training mode; score the images in eval mode.
+        """Extract patch features in training mode; score the images in eval mode, in full float32 on a GPU.
 
         Args:
             images (torch.Tensor): ``B x 3 x H x W`` normalised images.
@@ -389,13 +421,13 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         Raises:
             RuntimeError: In eval mode, if the memory bank is empty (the model is not fitted).
         """
-        features = self.patch_features(images)
-        if self.training:
-            return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
-        if self.memory_bank.numel() == 0:
-            msg = "ReConPatch has no memory bank yet: train it (engine.fit) or load a fitted checkpoint before testing."
-            raise RuntimeError(msg)
-        return self.score_features(features, images.shape[-2:])
+        with ieee_float32(images.device):
+            features = self.patch_features(images)
+            if self.training:
+                return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+            if self.memory_bank.numel() == 0:
+                raise RuntimeError(NOT_FITTED)
+            return self.score_features(features, images.shape[-2:])
 
     def score_features(self, features: torch.Tensor, image_size: tuple[int, int] | torch.Size) -> InferenceBatch:
         """Score patch features: the eval path after the backbone.
