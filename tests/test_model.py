@@ -169,35 +169,64 @@ def test_pairwise_similarity_is_informative_on_real_features(lite_weights: None,
     assert off.median() < 0.1
 
 
-@pytest.fixture
-def tf32_allowed() -> Iterator[None]:
-    """TF32 allowed for cuDNN convolutions (torch's default) and CUDA matmuls (Lightning's suggestion), then reset."""
-    matmul, convolution = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+def allow_tf32_the_legacy_way() -> None:
+    """Lightning's suggestion and cuDNN's default, through torch's legacy setters."""
     torch.set_float32_matmul_precision("high")
     torch.backends.cudnn.allow_tf32 = True
-    yield
-    torch.set_float32_matmul_precision(matmul)
-    torch.backends.cudnn.allow_tf32 = convolution
 
 
-def test_full_float32_holds_only_inside_cuda_work_and_the_users_tf32_choice_returns(tf32_allowed: None) -> None:
+def allow_tf32_per_backend() -> None:
+    """Torch's per-backend settings, after which its legacy getters raise."""
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
+TF32_SETTINGS = {"legacy": allow_tf32_the_legacy_way, "per_backend": allow_tf32_per_backend}
+
+
+PRECISION_SETTINGS = (
+    torch.backends.cuda.matmul,
+    torch.backends.cudnn.conv,
+    torch.backends.cudnn.rnn,
+    torch.backends.mkldnn.matmul,
+    torch.backends.mkldnn.conv,
+)
+
+
+@pytest.fixture(params=sorted(TF32_SETTINGS))
+def tf32_allowed(request: pytest.FixtureRequest) -> Iterator[str]:
+    """TF32 allowed for CUDA matmuls and cuDNN convolutions, set one way or the other; every setting restored."""
+    legacy = torch.get_float32_matmul_precision()
+    saved = [setting.fp32_precision for setting in PRECISION_SETTINGS]
+    TF32_SETTINGS[request.param]()
+    yield request.param
+    torch.set_float32_matmul_precision(legacy)  # torch keeps this apart from the per-backend settings
+    for setting, value in zip(PRECISION_SETTINGS, saved, strict=True):
+        setting.fp32_precision = value
+
+
+def tf32_state() -> tuple[str, str]:
+    """What CUDA matmuls and cuDNN convolutions run float32 in."""
+    return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+
+
+def test_full_float32_holds_only_inside_cuda_work_and_the_users_tf32_choice_returns(tf32_allowed: str) -> None:
     with ieee_float32(torch.device("cpu")):
-        assert torch.get_float32_matmul_precision() == "high"
-        assert torch.backends.cudnn.allow_tf32
-    with ieee_float32(torch.device("cuda")):  # only flags: no GPU needed
-        assert torch.get_float32_matmul_precision() == "highest"
-        assert not torch.backends.cudnn.allow_tf32
-    assert torch.get_float32_matmul_precision() == "high"
-    assert torch.backends.cudnn.allow_tf32
+        assert tf32_state() == ("tf32", "tf32")
+    with ieee_float32(torch.device("cuda")):  # only settings: no GPU needed
+        assert tf32_state() == ("ieee", "ieee")
+    assert tf32_state() == ("tf32", "tf32")
     with pytest.raises(KeyboardInterrupt), ieee_float32(torch.device("cuda")):
         raise KeyboardInterrupt
-    assert torch.get_float32_matmul_precision() == "high"
-    assert torch.backends.cudnn.allow_tf32
+    assert tf32_state() == ("tf32", "tf32")
+    if tf32_allowed == "legacy":  # the user's own getters still answer afterwards
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cudnn.allow_tf32
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA GPU")
 def test_a_gpu_scores_real_images_as_the_cpu_does_with_tf32_allowed(
-    lite_weights: None, demo_root: Path, tf32_allowed: None
+    lite_weights: None, demo_root: Path, tf32_allowed: str
 ) -> None:
     # TF32 keeps 10 mantissa bits: distances about 1e-3 off, ten times this tolerance
     model = ReConPatchModel(BACKBONE, LAYERS).eval()

@@ -64,7 +64,8 @@ def ieee_float32(device: torch.device) -> Iterator[None]:
     cuDNN allows TF32 convolutions by default, and Lightning suggests TF32 matmuls on GPUs with tensor
     cores; TF32 keeps 10 mantissa bits, so a GPU fit's features, bank and thresholds would sit about 1e-3
     away from what the float32 export computes on a CPU. Both settings are restored on leaving, so the
-    user's own choice holds outside the model. Nothing changes on other devices.
+    user's own choice holds outside the model. Nothing changes on other devices. Torch's per-backend
+    ``fp32_precision`` settings are used, since its legacy getters raise once a user has set those.
 
     Args:
         device (torch.device): The device the work runs on.
@@ -75,16 +76,13 @@ def ieee_float32(device: torch.device) -> Iterator[None]:
     if device.type != "cuda":
         yield
         return
-    cudnn = torch.backends.cudnn
-    matmul = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    matmul, convolution = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, convolution.fp32_precision
+    matmul.fp32_precision = convolution.fp32_precision = "ieee"
     try:
-        with cudnn.flags(
-            enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
-        ):
-            yield
+        yield
     finally:
-        torch.set_float32_matmul_precision(matmul)
+        matmul.fp32_precision, convolution.fp32_precision = saved
 
 
 def identity_linear(dim: int) -> nn.Linear:
