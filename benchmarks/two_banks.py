@@ -14,6 +14,7 @@ other. Ends with a mean ± sd table over the seeds; ``--out`` writes it as Markd
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 from pathlib import Path
@@ -51,8 +52,8 @@ def main() -> None:
 
     def fitted(steps: int | None, seed: int, coreset_ratio: float) -> EnsembleMember:
         torch.manual_seed(seed)
-        args.coreset_ratio = coreset_ratio
-        return fitted_member(args.backbone, args, steps, features, size)
+        at_ratio = argparse.Namespace(**{**vars(args), "coreset_ratio": coreset_ratio})
+        return fitted_member(args.backbone, at_ratio, steps, features, size)
 
     def record(name: str, maps: torch.Tensor, seed: int) -> None:
         metrics = evaluate(largest_pixel(maps), maps, test)
@@ -70,7 +71,6 @@ def main() -> None:
             record(f"{name} `f`, ratio {2 * ratio}", twice, seed)
         record(f"trained + untrained banks, ratio {ratio} each", (trained + untrained) / 2, seed)
         record(f"two trained seeds' banks, ratio {ratio} each", (trained + other_seed) / 2, seed)
-    args.coreset_ratio = ratio
     command = f"`python {shlex.join(sys.argv)}`"
     header = f"{args.data.stem}, {args.backbone}, {'x'.join(map(str, args.image_size))} px, seeds {args.seeds}"
     write_report(f"{command}\n\n{header}\n\n{mean_sd_table('banks', rows)}", args.out)

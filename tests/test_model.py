@@ -7,7 +7,9 @@ import itertools
 import math
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +21,8 @@ from torch import nn
 
 from anomalib_reconpatch import ReConPatch, ReConPatchModel
 from anomalib_reconpatch.components.threads import torch_threads
+from anomalib_reconpatch.reconpatch import lightning_model, torch_model
+from anomalib_reconpatch.reconpatch.ensemble import EnsembleMember
 from anomalib_reconpatch.reconpatch.search import nearest_bank_distances, nearest_bank_rows, nearest_rows
 from anomalib_reconpatch.reconpatch.similarity import (
     knn_bandwidth,
@@ -219,16 +223,56 @@ def test_full_float32_holds_only_inside_cuda_work_and_the_users_tf32_choice_retu
     with pytest.raises(KeyboardInterrupt), ieee_float32(torch.device("cuda")):
         raise KeyboardInterrupt
     assert tf32_state() == ("tf32", "tf32")
+    first, second = ieee_float32(torch.device("cuda")), ieee_float32(torch.device("cuda"))
+    first.__enter__()
+    second.__enter__()  # another thread's overlapping forward
+    first.__exit__(None, None, None)
+    assert tf32_state() == ("ieee", "ieee")  # the second user is still inside
+    second.__exit__(None, None, None)
+    assert tf32_state() == ("tf32", "tf32")
     if tf32_allowed == "legacy":  # the user's own getters still answer afterwards
         assert torch.get_float32_matmul_precision() == "high"
         assert torch.backends.cudnn.allow_tf32
+
+
+def test_every_backbone_and_f_call_of_training_fit_and_scoring_runs_in_full_float32(
+    lite_weights: None, demo_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the guard acts here as on a GPU; hooks note the settings at every backbone and f call, also on the
+    # feature threads of split_over_threads and in the ensemble member's own training step
+    real = torch_model.ieee_float32
+
+    @contextmanager
+    def as_on_a_gpu(device: torch.device) -> Iterator[None]:
+        del device
+        with real(torch.device("cuda")):
+            yield
+
+    monkeypatch.setattr(torch_model, "ieee_float32", as_on_a_gpu)
+    monkeypatch.setattr(lightning_model, "ieee_float32", as_on_a_gpu)
+    images = demo_images(demo_root)
+    seen: dict[str, list[tuple[str, str]]] = {"backbone": [], "f": []}
+    for model in (
+        ReConPatch(BACKBONE, LAYERS, num_steps=3),
+        EnsembleMember(backbone=BACKBONE, layers=LAYERS, num_steps=3),
+    ):
+        model.model.feature_extractor.register_forward_pre_hook(lambda *_: seen["backbone"].append(tf32_state()))
+        model.model.representation.register_forward_pre_hook(lambda *_: seen["f"].append(tf32_state()))
+        model.on_train_epoch_start()
+        model.training_step(SimpleNamespace(image=images))
+        model.fit()
+        model.model.eval()(images[:2])
+    assert len(seen["backbone"]) >= 4  # two trainings (one on two threads) and two scorings
+    assert len(seen["f"]) >= 6  # three steps each, the embedding and the scoring
+    assert set(seen["backbone"]) | set(seen["f"]) == {("ieee", "ieee")}
+    assert tf32_state() == ("none", "tf32")  # torch's defaults, restored by the last user
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA GPU")
 def test_a_gpu_scores_real_images_as_the_cpu_does_with_tf32_allowed(
     lite_weights: None, demo_root: Path, tf32_allowed: str
 ) -> None:
-    # TF32 keeps 10 mantissa bits: distances about 1e-3 off, ten times this tolerance
+    # TF32 keeps 10 mantissa bits: distances about 1e-3 off, five times this tolerance
     model = ReConPatchModel(BACKBONE, LAYERS).eval()
     images = demo_images(demo_root, "test/patch", 3)
     with torch.no_grad():

@@ -23,8 +23,10 @@ See Also:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from anomalib.data import InferenceBatch
@@ -47,6 +49,7 @@ from .search import (
 )
 
 NOT_FITTED = "ReConPatch has no memory bank yet: train it (engine.fit) or load a fitted checkpoint before testing."
+"""What scoring without a memory bank says."""
 
 IMAGE_SCORES = ("patches", "map")
 """How a single model scores an image: PatchCore's re-weighted largest patch distance, or the largest pixel
@@ -57,15 +60,60 @@ ENSEMBLE_IMAGE_SCORES = ("members", "map")
 the largest pixel of its averaged map (measured in ``docs/design/ensemble.md``)."""
 
 
+class FullFloat32Switch:
+    """Torch's process-wide float32 settings for CUDA matmuls and cuDNN convolutions, held at ``ieee`` while used.
+
+    The settings are global, so uses are counted across threads and nesting: the first user saves the
+    settings and sets them, the last one restores them. Two threads' CUDA forwards that overlap thus never
+    leave TF32 behind, nor run one of them in it.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.saved: tuple[str, str] = ("", "")
+
+    @staticmethod
+    def settings() -> tuple[Any, Any]:
+        """The per-backend settings: CUDA matmuls and cuDNN convolutions.
+
+        Returns:
+            tuple[Any, Any]: ``torch.backends.cuda.matmul`` and ``torch.backends.cudnn.conv``.
+        """
+        return torch.backends.cuda.matmul, torch.backends.cudnn.conv
+
+    def enter(self) -> None:
+        """Count a user; the first one saves the settings and sets both to ``ieee``."""
+        with self.lock:
+            if self.users == 0:
+                matmul, convolution = self.settings()
+                self.saved = matmul.fp32_precision, convolution.fp32_precision
+                matmul.fp32_precision = convolution.fp32_precision = "ieee"
+            self.users += 1
+
+    def leave(self) -> None:
+        """Count a user out; the last one restores the saved settings."""
+        with self.lock:
+            self.users -= 1
+            if self.users == 0:
+                matmul, convolution = self.settings()
+                matmul.fp32_precision, convolution.fp32_precision = self.saved
+
+
+FULL_FLOAT32 = FullFloat32Switch()
+
+
 @contextmanager
 def ieee_float32(device: torch.device) -> Iterator[None]:
     """On a CUDA device, run cuDNN convolutions and CUDA matmuls in full float32 (no TF32) while active.
 
     cuDNN allows TF32 convolutions by default, and Lightning suggests TF32 matmuls on GPUs with tensor
     cores; TF32 keeps 10 mantissa bits, so a GPU fit's features, bank and thresholds would sit about 1e-3
-    away from what the float32 export computes on a CPU. Both settings are restored on leaving, so the
-    user's own choice holds outside the model. Nothing changes on other devices. Torch's per-backend
-    ``fp32_precision`` settings are used, since its legacy getters raise once a user has set those.
+    away from what the float32 export computes on a CPU. The settings are restored when the last user
+    leaves (:class:`FullFloat32Switch`), so the user's own choice holds outside the model; being global,
+    they also hold for other CUDA work that runs meanwhile. Nothing changes on other devices. Torch's
+    per-backend ``fp32_precision`` settings are used, since its legacy getters raise once a user has set
+    those.
 
     Args:
         device (torch.device): The device the work runs on.
@@ -76,13 +124,11 @@ def ieee_float32(device: torch.device) -> Iterator[None]:
     if device.type != "cuda":
         yield
         return
-    matmul, convolution = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    saved = matmul.fp32_precision, convolution.fp32_precision
-    matmul.fp32_precision = convolution.fp32_precision = "ieee"
+    FULL_FLOAT32.enter()
     try:
         yield
     finally:
-        matmul.fp32_precision, convolution.fp32_precision = saved
+        FULL_FLOAT32.leave()
 
 
 def identity_linear(dim: int) -> nn.Linear:
@@ -285,7 +331,7 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
 
     @torch.no_grad()
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Extract PatchCore patch features (before ``f``), without gradient.
+        """Extract PatchCore patch features (before ``f``), without gradient, in full float32 on a GPU.
 
         Each layer's map is 3x3 average-pooled, bilinearly resized to the first layer's grid and
         concatenated; ``embedding_dim`` then pools the channels when it is smaller.
@@ -296,17 +342,18 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         Returns:
             torch.Tensor: ``B x D x h x w`` patch features, ``D`` being ``embedding_dim``.
         """
-        features = self.feature_extractor(images)
-        pooled = [self.feature_pooler(features[layer]) for layer in self.layers]
-        size = pooled[0].shape[-2:]
-        resized = [pooled[0]] + [F.interpolate(f, size=size, mode="bilinear") for f in pooled[1:]]
-        embedding = torch.cat(resized, dim=1)
-        if self.embedding_dim != embedding.shape[1]:
-            embedding = F.adaptive_avg_pool1d(
-                embedding.permute(0, 2, 3, 1).flatten(0, 2)[:, None, :], self.embedding_dim
-            )
-            embedding = embedding.reshape(resized[0].shape[0], size[0], size[1], -1).permute(0, 3, 1, 2)
-        return embedding
+        with ieee_float32(images.device):
+            features = self.feature_extractor(images)
+            pooled = [self.feature_pooler(features[layer]) for layer in self.layers]
+            size = pooled[0].shape[-2:]
+            resized = [pooled[0]] + [F.interpolate(f, size=size, mode="bilinear") for f in pooled[1:]]
+            embedding = torch.cat(resized, dim=1)
+            if self.embedding_dim != embedding.shape[1]:
+                embedding = F.adaptive_avg_pool1d(
+                    embedding.permute(0, 2, 3, 1).flatten(0, 2)[:, None, :], self.embedding_dim
+                )
+                embedding = embedding.reshape(resized[0].shape[0], size[0], size[1], -1).permute(0, 3, 1, 2)
+            return embedding
 
     def embed(self, patch_features: torch.Tensor) -> torch.Tensor:
         """Apply the learned representation ``f``.
