@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import signal
 import subprocess
@@ -42,16 +43,16 @@ def exported(demo_model: dict) -> tuple:
 
 def stock_export(ckpt: Path, export_root: Path, timeout: int, *extra: str) -> Path:
     """Run the stock ``anomalib export`` to OpenVINO on a demo checkpoint in a subprocess; the ``.xml`` path."""
-    import subprocess
-    import sys
-
     command = [
         str(Path(sys.executable).parent / "anomalib"), "export", "--model", "ReConPatch", "--export_type", "openvino",
         "--ckpt_path", str(ckpt), "--model.backbone", BACKBONE, "--model.layers", "[blocks.2, blocks.4]",
         "--export_root", str(export_root), *extra,
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=export_root, capture_output=True, text=True, timeout=timeout)
+    wide = {**os.environ, "COLUMNS": "400"}  # one log record to a line
+    result = subprocess.run(command, cwd=export_root, capture_output=True, text=True, timeout=timeout, env=wide)
     assert result.returncode == 0, result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    assert "Failed to convert the model to the target version" not in output  # no opset conversion traceback
     return export_root / "weights" / "openvino" / "model.xml"
 
 

@@ -144,6 +144,10 @@ One thread runs the next batch's labels on a second thread beside each step wher
 than one thread to give."""
 
 
+ONNX_OPSET = 18
+"""The opset that torch's ONNX exporter writes. anomalib asks for 14, and the conversion down fails on ``Pad``
+with a logged traceback, leaving the model at 18 anyway; asking for 18 writes the same graph without it."""
+
 NON_FINITE = "The backbone produced NaN or inf patch features: check the training images and normalisation."
 
 
@@ -917,11 +921,13 @@ class ReConPatch(MemoryBankMixin, AnomalibModule):
             model_file_name (str): Name of the exported model. Defaults to ``"model"``.
             input_size (tuple[int, int] | None): Fixed ``(height, width)``, or None for dynamic shapes.
                 Defaults to ``None``.
-            **kwargs: Passed on to anomalib's ``to_onnx`` (and on to ``torch.onnx.export``).
+            **kwargs: Passed on to anomalib's ``to_onnx`` (and on to ``torch.onnx.export``); ``opset_version``
+                defaults to ``ONNX_OPSET``.
 
         Returns:
             Path: Path of the exported ``.onnx`` file.
         """
+        kwargs.setdefault("opset_version", ONNX_OPSET)
         with self.model.export_form(convolution=self.model.convolution_search):
             return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
