@@ -453,7 +453,7 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
-        """Extract patch features in training mode; score the images in eval mode, in full float32 on a GPU.
+        """Extract patch features in training mode; score the images in eval mode.
 
         Args:
             images (torch.Tensor): ``B x 3 x H x W`` normalised images.
@@ -466,16 +466,15 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         Raises:
             RuntimeError: In eval mode, if the memory bank is empty (the model is not fitted).
         """
-        with ieee_float32(images.device):
-            features = self.patch_features(images)
-            if self.training:
-                return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
-            if self.memory_bank.numel() == 0:
-                raise RuntimeError(NOT_FITTED)
-            return self.score_features(features, images.shape[-2:])
+        features = self.patch_features(images)
+        if self.training:
+            return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+        if self.memory_bank.numel() == 0:
+            raise RuntimeError(NOT_FITTED)
+        return self.score_features(features, images.shape[-2:])
 
     def score_features(self, features: torch.Tensor, image_size: tuple[int, int] | torch.Size) -> InferenceBatch:
-        """Score patch features: the eval path after the backbone.
+        """Score patch features: the eval path after the backbone, in full float32 on a GPU.
 
         The benchmarks call it on cached features, so they score exactly as the model does.
 
@@ -486,7 +485,8 @@ class ReConPatchModel(DynamicBufferMixin, nn.Module):
         Returns:
             InferenceBatch: ``pred_score`` (``B``) and ``anomaly_map`` (``B x H x W``).
         """
-        return self.score_embedding(self.embed(features.permute(0, 2, 3, 1)), image_size)
+        with ieee_float32(features.device):
+            return self.score_embedding(self.embed(features.permute(0, 2, 3, 1)), image_size)
 
     def score_embedding(self, embedding: torch.Tensor, image_size: tuple[int, int] | torch.Size) -> InferenceBatch:
         """Score embedded patches against the memory bank: image scores and anomaly maps.
