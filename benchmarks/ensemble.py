@@ -61,6 +61,20 @@ def fitted_member(
     return member
 
 
+def cached_features(backbone: str, args: object, base: object, datamodule: object) -> tuple[dict, dict]:
+    """A member's raw patch features on ``backbone`` for the training and test images, and the test labels and masks.
+
+    Returns:
+        tuple[dict, dict]: ``{"train": ..., "test": ...}`` features, and the test split's ``labels`` and ``masks``.
+    """
+    extractor = EnsembleMember(backbone=backbone, layers=args.layers)
+    extractor.pre_processor = base.pre_processor
+    features = {"train": cache(extractor, datamodule.train_dataloader(), test=False)["features"]}
+    test = cache(extractor, datamodule.test_dataloader(), test=True)
+    features["test"] = test.pop("features")
+    return features, test
+
+
 def main() -> None:
     """Score every backbone alone and the ensemble, for each seed and training length."""
     parser = data_parser(__doc__)
@@ -73,12 +87,7 @@ def main() -> None:
     datamodule, base = load_data(args, coreset_sampling_ratio=args.coreset_ratio)
     features, test = {}, None
     for backbone in args.backbones:
-        extractor = EnsembleMember(backbone=backbone, layers=args.layers)
-        extractor.pre_processor = base.pre_processor
-        features[backbone] = {"train": cache(extractor, datamodule.train_dataloader(), test=False)["features"]}
-        test_split = cache(extractor, datamodule.test_dataloader(), test=True)
-        features[backbone]["test"] = test_split.pop("features")
-        test = test_split
+        features[backbone], test = cached_features(backbone, args, base, datamodule)
         print(f"{backbone}: train features {tuple(features[backbone]['train'].shape)}", flush=True)
     size = tuple(test["masks"].shape[-2:])
     rows: dict[str, list[dict[str, float]]] = {}

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 import torch
-from common import cache, data_parser, evaluate, load_data, mean_sd_table, score, write_report
-from ensemble import fitted_member
+from common import data_parser, evaluate, load_data, mean_sd_table, score, write_report
+from ensemble import cached_features, fitted_member
 
 from anomalib_reconpatch.reconpatch.anomaly_map import largest_pixel
 from anomalib_reconpatch.reconpatch.ensemble import EnsembleMember, standardise
@@ -41,11 +41,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     datamodule, base = load_data(args, coreset_sampling_ratio=args.coreset_ratio)
-    extractor = EnsembleMember(backbone=args.backbone, layers=args.layers)
-    extractor.pre_processor = base.pre_processor
-    features = {"train": cache(extractor, datamodule.train_dataloader(), test=False)["features"]}
-    test = cache(extractor, datamodule.test_dataloader(), test=True)
-    features["test"] = test.pop("features")
+    features, test = cached_features(args.backbone, args, base, datamodule)
     size = tuple(test["masks"].shape[-2:])
     ratio = args.coreset_ratio
     rows: dict[str, list[dict[str, float]]] = {}
