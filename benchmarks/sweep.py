@@ -13,7 +13,8 @@ also writes as Markdown (with the command that made it); a
 ``coreset=SPACE`` item chooses where the bank is selected (``select_bank``); ``passes=X`` trains for X passes
 over the training patches (``num_steps`` from the data, as the default length does); ``num_steps=0,scale_top=X``
 scales the 10 strongest principal directions by X instead of training; ``init=default`` starts ``f`` from
-PyTorch's default (random) initialisation instead of the identity. Each line
+PyTorch's default (random) initialisation instead of the identity; ``bank_f=target`` builds the bank and
+scores with the EMA copy of ``f`` (the target that labels the batches) as training leaves it. Each line
 ends with the range of the trained ``f``'s singular values (1-1 is the untrained identity) and its
 gain along the training features' strongest and weakest principal directions.
 """
@@ -45,6 +46,7 @@ from common import (
 
 from anomalib_reconpatch import ReConPatch
 from anomalib_reconpatch.components.coreset import FastKCenterGreedy, greedy_k_center
+from anomalib_reconpatch.reconpatch.lightning_model import RepresentationStep
 
 
 def parse_setting(text: str) -> dict:
@@ -175,16 +177,24 @@ def run_setting(
     top_factor = setting.pop("scale_top", None)
     random_init = setting.pop("init", "identity") == "default"
     passes = setting.pop("passes", None)
+    bank_f = setting.pop("bank_f", "online")
     model = ReConPatch(backbone=args.backbone, layers=args.layers, coreset_sampling_ratio=args.coreset_ratio, **setting)
     if passes is not None:
         model.num_steps = math.ceil(passes * len(train_flat) / model.patches_per_step)
     model.model.feature_extractor = base.model.feature_extractor
     if random_init:
         model.model.representation.reset_parameters()
+    targets: dict[str, torch.nn.Module] = {}
+
+    def keep_target(step: RepresentationStep) -> None:
+        targets.setdefault("f", step.target_f)  # one module all along, moved by every step's EMA
+
     start = time.perf_counter()
     with torch.enable_grad():
-        model.train_representation(train_flat)
+        model.train_representation(train_flat, on_step=keep_target if bank_f == "target" else None)
     trained = time.perf_counter() - start
+    if "f" in targets:
+        model.model.representation.load_state_dict(targets["f"].state_dict())
     if top_factor is not None:
         model.model.representation.weight.data = scaled_top_directions(directions, top_factor)
     with torch.no_grad():
