@@ -178,6 +178,8 @@ def run_setting(
     random_init = setting.pop("init", "identity") == "default"
     passes = setting.pop("passes", None)
     bank_f = setting.pop("bank_f", "online")
+    if bank_f not in ("online", "target"):
+        raise SystemExit(f"bank_f={bank_f} in --setting {text!r}: use bank_f=online or bank_f=target.")
     model = ReConPatch(backbone=args.backbone, layers=args.layers, coreset_sampling_ratio=args.coreset_ratio, **setting)
     if passes is not None:
         model.num_steps = math.ceil(passes * len(train_flat) / model.patches_per_step)
