@@ -14,7 +14,9 @@ also writes as Markdown (with the command that made it); a
 over the training patches (``num_steps`` from the data, as the default length does); ``num_steps=0,scale_top=X``
 scales the 10 strongest principal directions by X instead of training; ``init=default`` starts ``f`` from
 PyTorch's default (random) initialisation instead of the identity; ``bank_f=target`` builds the bank and
-scores with the EMA copy of ``f`` (the target that labels the batches) as training leaves it. Each line
+scores with the EMA copy of ``f`` (the target that labels the batches) as training leaves it; ``train_on=R``
+trains ``f`` only on a greedy k-center coreset of ratio R of the untrained features, for as many steps as
+the whole training set would take, so that rare normal patches weigh as much as common ones. Each line
 ends with the range of the trained ``f``'s singular values (1-1 is the untrained identity) and its
 gain along the training features' strongest and weakest principal directions.
 """
@@ -46,7 +48,7 @@ from common import (
 
 from anomalib_reconpatch import ReConPatch
 from anomalib_reconpatch.components.coreset import FastKCenterGreedy, greedy_k_center
-from anomalib_reconpatch.reconpatch.lightning_model import RepresentationStep
+from anomalib_reconpatch.reconpatch.lightning_model import RepresentationStep, representation_steps
 
 
 def parse_setting(text: str) -> dict:
@@ -180,9 +182,16 @@ def run_setting(
     bank_f = setting.pop("bank_f", "online")
     if bank_f not in ("online", "target"):
         raise SystemExit(f"bank_f={bank_f} in --setting {text!r}: use bank_f=online or bank_f=target.")
+    train_on = setting.pop("train_on", None)
+    if train_on is not None and not 0 < train_on <= 1:
+        raise SystemExit(f"train_on={train_on} in --setting {text!r}: use a coreset ratio in (0, 1].")
     model = ReConPatch(backbone=args.backbone, layers=args.layers, coreset_sampling_ratio=args.coreset_ratio, **setting)
     if passes is not None:
         model.num_steps = math.ceil(passes * len(train_flat) / model.patches_per_step)
+    training_rows = train_flat
+    if train_on is not None:
+        model.num_steps = representation_steps(len(train_flat), model.patches_per_step, model.num_steps)
+        training_rows = train_flat[FastKCenterGreedy(train_flat, train_on).select_coreset_idxs()]
     model.model.feature_extractor = base.model.feature_extractor
     if random_init:
         model.model.representation.reset_parameters()
@@ -193,7 +202,7 @@ def run_setting(
 
     start = time.perf_counter()
     with torch.enable_grad():
-        model.train_representation(train_flat, on_step=keep_target if bank_f == "target" else None)
+        model.train_representation(training_rows, on_step=keep_target if bank_f == "target" else None)
     trained = time.perf_counter() - start
     if "f" in targets:
         model.model.representation.load_state_dict(targets["f"].state_dict())
