@@ -183,7 +183,7 @@ def run_setting(
     if bank_f not in ("online", "target"):
         raise SystemExit(f"bank_f={bank_f} in --setting {text!r}: use bank_f=online or bank_f=target.")
     train_on = setting.pop("train_on", None)
-    if train_on is not None and not 0 < train_on <= 1:
+    if train_on is not None and not (isinstance(train_on, int | float) and 0 < train_on <= 1):
         raise SystemExit(f"train_on={train_on} in --setting {text!r}: use a coreset ratio in (0, 1].")
     model = ReConPatch(backbone=args.backbone, layers=args.layers, coreset_sampling_ratio=args.coreset_ratio, **setting)
     if passes is not None:
