@@ -6,7 +6,7 @@
 On a busy CPU the model runs a step as two one-thread tasks: the step itself and, beside it, the next
 batch's pseudo-labels. Each task gets a fair share of the cores, so a third task, half of the loss's
 rows, would take a larger share. ``BlockLoss`` computes the model's loss and gradient in two blocks of
-rows, the second on a third thread whenever the step runs on one torch thread (each row's part up to
+rows, the second on a third thread whenever the step runs on one torch thread (``loss_terms``: each row's part up to
 ``H`` is its own; the blocks then add their products to ``S C = H C + H^T C``); on all threads it computes
 every row at once. In one process, training runs ``--rounds`` times with the model's loss and with
 ``BlockLoss`` in turn, each time for ``--steps`` steps, on all threads in turn and as one-thread tasks
@@ -31,27 +31,8 @@ from torch import nn
 from anomalib_reconpatch import ReConPatch
 from anomalib_reconpatch.components.threads import single_threaded
 from anomalib_reconpatch.reconpatch import lightning_model
+from anomalib_reconpatch.reconpatch.loss import loss_terms
 from anomalib_reconpatch.reconpatch.similarity import squared_distances
-
-
-def row_terms(sq: torch.Tensor, w: torch.Tensor, rows: slice, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows' summed loss terms and their rows of ``H`` (the model's ``_RelaxedContrastive``, row by row)."""
-    n = sq.shape[0]
-    own = torch.arange(rows.stop - rows.start), torch.arange(rows.start, rows.stop)
-    zero = torch.zeros((), dtype=sq.dtype)
-    block = sq[rows]
-    moving = block > 1e-12
-    dist = block.clamp_min(1e-12).sqrt_().index_put_(own, zero)
-    mean = dist.sum(dim=1, keepdim=True) / max(n - 1, 1)
-    scale = mean.clamp_min(1e-12)
-    rel = dist / scale
-    gap = (margin - rel).clamp_min_(0.0)
-    like = w[rows]
-    unlike = 1.0 - like
-    losses = (like * rel.square() + unlike * gap.square()).index_put_(own, zero).sum(dim=1)
-    slope = (like * rel).sub_(unlike * gap).mul_(2.0).index_put_(own, zero)
-    inner = torch.where(mean > 1e-12, (slope * rel).sum(dim=1, keepdim=True) / max(n - 1, 1), 0.0)
-    return losses, (slope - inner).div_(n * scale).div_(2.0 * dist.clamp_min(1e-12)).mul_(moving)
 
 
 def block_products(h: torch.Tensor, centred: torch.Tensor, rows: slice) -> tuple[torch.Tensor, ...]:
@@ -70,14 +51,15 @@ class _BlockLoss(torch.autograd.Function):
 
         def block(rows: slice) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
             with torch.no_grad():
-                losses, h = row_terms(sq, w, rows, margin)
-                return losses, block_products(h, centred, rows)
+                terms, h = loss_terms(sq, w, rows, margin, with_grad=True)  # each block overwrites only its rows of sq
+                return terms.sum(dim=1), block_products(h, centred, rows)
 
         if pool is not None and torch.get_num_threads() == 1:
             second = pool.submit(single_threaded, block, halves[1])
             parts = [block(halves[0]), second.result()]
         else:
-            losses, h = row_terms(sq, w, slice(0, n), margin)
+            terms, h = loss_terms(sq, w, slice(0, n), margin, with_grad=True)
+            losses = terms.sum(dim=1)
             parts = [(losses[rows], block_products(h[rows], centred, rows)) for rows in halves]
         s_ones = torch.cat([p[1][2] for p in parts]) + parts[0][1][3] + parts[1][1][3]
         s_c = torch.cat([p[1][0] for p in parts]) + parts[0][1][1] + parts[1][1][1]

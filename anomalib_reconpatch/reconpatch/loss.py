@@ -88,6 +88,47 @@ def relaxed_contrastive_pairs(
     return pull * off_diagonal, push * off_diagonal
 
 
+def loss_terms(
+    sq: torch.Tensor, w: torch.Tensor, rows: slice, margin: float, with_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The loss terms of the rows ``rows`` and, with ``with_grad``, their rows of ``H`` (:class:`_RelaxedContrastive`).
+
+    Every quantity up to ``H`` depends on its own row only, so a block of rows gives the same numbers as
+    all of them; ``benchmarks/loss_halves.py`` computes two blocks on two threads.
+
+    Args:
+        sq (torch.Tensor): ``N x N`` squared distances of the projections, zero on the diagonal; the rows
+            ``rows`` are overwritten.
+        w (torch.Tensor): ``N x N`` pseudo-labels.
+        rows (slice): The rows, ``a:b`` with a step of 1.
+        margin (float): Margin ``m`` on the relative distances.
+        with_grad (bool): Whether to compute ``H``.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor | None]: The rows' pull-plus-push terms, zero on the diagonal, and
+        their rows of ``H`` (None without ``with_grad``).
+    """
+    n = sq.shape[0]
+    own = torch.arange(rows.stop - rows.start, device=sq.device), torch.arange(rows.start, rows.stop, device=sq.device)
+    zero = torch.zeros((), dtype=sq.dtype, device=sq.device)
+    block = sq[rows]
+    moving = block > 1e-12  # the distances whose clamp lets a gradient through; never the diagonal
+    dist = block.clamp_min_(1e-12).sqrt_().index_put_(own, zero)
+    mean = dist.sum(dim=1, keepdim=True) / max(n - 1, 1)
+    scale = mean.clamp_min(1e-12)
+    rel = dist / scale
+    gap = (margin - rel).clamp_min_(0.0)
+    like = w[rows]
+    unlike = 1.0 - like
+    terms = (like * rel.square() + unlike * gap.square()).index_put_(own, zero)
+    if not with_grad:
+        return terms, None
+    slope = (like * rel).sub_(unlike * gap).mul_(2.0).index_put_(own, zero)  # phi'
+    inner = (slope * rel).sum(dim=1, keepdim=True) / max(n - 1, 1)
+    inner = torch.where(mean > 1e-12, inner, 0.0)  # a clamped mean is a constant
+    return terms, (slope - inner).div_(n * scale).div_(2.0 * dist.clamp_min(1e-12)).mul_(moving)
+
+
 class _RelaxedContrastive(torch.autograd.Function):
     """:func:`relaxed_contrastive_loss` with its gradient with respect to ``z`` in closed form.
 
@@ -104,22 +145,9 @@ class _RelaxedContrastive(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, z: torch.Tensor, w: torch.Tensor, margin: float
     ) -> torch.Tensor:
         n = z.shape[0]
-        sq = squared_distances(z)
-        moving = sq > 1e-12  # the distances whose clamp lets a gradient through; never the diagonal
-        dist = sq.clamp_min_(1e-12).sqrt_().fill_diagonal_(0.0)
-        mean = dist.sum(dim=1, keepdim=True) / max(n - 1, 1)
-        scale = mean.clamp_min(1e-12)
-        rel = dist / scale
-        gap = (margin - rel).clamp_min_(0.0)
-        unlike = 1.0 - w
-        pull = w * rel.square()
-        push = unlike * gap.square()
-        loss = (pull + push).fill_diagonal_(0.0).sum() / n
-        if ctx.needs_input_grad[0]:
-            slope = (w * rel).sub_(unlike * gap).mul_(2.0).fill_diagonal_(0.0)  # phi'
-            inner = (slope * rel).sum(dim=1, keepdim=True) / max(n - 1, 1)
-            inner = torch.where(mean > 1e-12, inner, 0.0)  # a clamped mean is a constant
-            h = (slope - inner).div_(n * scale).div_(2.0 * dist.clamp_min(1e-12)).mul_(moving)
+        terms, h = loss_terms(squared_distances(z), w, slice(0, n), margin, ctx.needs_input_grad[0])
+        loss = terms.sum() / n
+        if h is not None:
             s = h + h.T
             centred = z - z.mean(dim=0, keepdim=True)
             grad = 2.0 * (s.sum(dim=1, keepdim=True) * centred - s @ centred)
