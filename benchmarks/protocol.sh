@@ -8,7 +8,8 @@
 #                                                  results/protocol/)
 #   docs/results/protocol/NAME/coresetR/candidates.md  every setting of candidate_settings.sh (baselines,
 #                                                  candidates, recipe) on cached features (benchmarks/sweep.py)
-# Many hours on 2 cores: run it alone. Narrow it with the environment, e.g.
+# Many hours on 2 cores: run it alone. Stopped, it goes on from the compare's last finished run when
+# started again (reconpatch compare reuses finished runs). Narrow it with the environment, e.g.
 #   DATA="bottle" RATIOS="0.1" SEEDS="0 1 2" bash benchmarks/protocol.sh
 # and PARTS="compare" (or "candidates") runs one of the two parts.
 set -euo pipefail

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -262,9 +263,13 @@ def test_a_missing_data_set_that_cannot_be_downloaded_says_where_it_was_looked_f
     assert f"reconpatch demo-data {tmp_path / 'absent'}" in error
 
 
-def test_several_seeds_give_each_models_mean_and_spread(demo_root: Path, lite_weights: None, tmp_path: Path) -> None:
-    import statistics
-
+@pytest.fixture(scope="module")
+def two_seeds(
+    demo_root: Path, lite_weights: None, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[CompareSettings, dict, dict, str]:
+    """ReConPatch compared over seeds 0 and 1 while this process holds 3 GiB: the settings, what
+    ``compare`` returned, and the report.json and report.md it wrote."""
+    tmp_path = tmp_path_factory.mktemp("seeds")
     data = tmp_path / "data.yaml"
     init_args = {"root": str(demo_root), "category": "grass", "num_workers": 0}
     data.write_text(yaml.safe_dump({"class_path": "anomalib.data.MVTecAD", "init_args": init_args}))
@@ -282,6 +287,13 @@ def test_several_seeds_give_each_models_mean_and_spread(demo_root: Path, lite_we
     result = compare(settings, log=lambda _: None)
     del ballast
     saved = json.loads((settings.out / "report.json").read_text())
+    return settings, result, saved, (settings.out / "report.md").read_text()
+
+
+def test_several_seeds_give_each_models_mean_and_spread(two_seeds: tuple) -> None:
+    import statistics
+
+    settings, result, saved, text = two_seeds
     assert set(saved["per_seed"]) == {"0", "1"}
     runs = [saved["per_seed"][seed]["ReConPatch"] for seed in ("0", "1")]
     assert all(0 < run["peak_rss_mb"] < 3 * 1024 for run in runs)  # each run's own process, not this one
@@ -295,10 +307,47 @@ def test_several_seeds_give_each_models_mean_and_spread(demo_root: Path, lite_we
         assert spread[key] == pytest.approx(statistics.stdev(run[key] for run in runs))
     assert mean["fit_s"] == pytest.approx((runs[0]["fit_s"] + runs[1]["fit_s"]) / 2)
     assert mean["latency_ms"] > 0
-    text = (settings.out / "report.md").read_text()
     assert "seeds 0, 1 (each number is the mean over the seeds" in text
     assert "Per seed (0, 1):" in text
     assert f"| image_AUROC | {runs[0]['image_AUROC']:.3f} / {runs[1]['image_AUROC']:.3f} (sd " in text
+
+
+def test_a_rerun_reuses_each_finished_run_and_runs_again_what_changed(
+    two_seeds: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, result, saved, _ = two_seeds
+
+    def new_run(name: str, *args: object) -> dict:
+        raise AssertionError(f"{name} ran again")
+
+    monkeypatch.setattr("anomalib_reconpatch.tools.compare.runner.run_in_process", new_run)
+    lines: list[str] = []
+    again = compare(replace(settings, seeds=[1]), log=lines.append)  # no new run: new_run would raise
+    assert again["engine_metrics"]["ReConPatch"] == result["engine_metrics_per_seed"][1]["ReConPatch"]
+    assert (
+        json.loads((settings.out / "report.json").read_text())["models"]["ReConPatch"]["image_AUROC"]
+        == (saved["per_seed"]["1"]["ReConPatch"]["image_AUROC"])
+    )
+    assert any("[ReConPatch, seed 1] reusing the run finished earlier with the same settings" in line for line in lines)
+    changed = replace(settings, seeds=[1], reconpatch_args={"num_steps": 6})
+    with pytest.raises(AssertionError, match="ReConPatch ran again"):
+        compare(changed, log=lambda _: None)
+    with pytest.raises(AssertionError, match="ReConPatch ran again"):
+        compare(replace(settings, seeds=[1]), log=lambda _: None, reuse=False)
+    (settings.out / "runs" / "ReConPatch" / "seed0" / "compare_run.pt").write_bytes(b"cut short")
+    lines.clear()
+    with pytest.raises(AssertionError, match="ReConPatch ran again"):
+        compare(replace(settings, seeds=[0]), log=lines.append)
+    assert any("compare_run.pt is unreadable" in line and "running it again" in line for line in lines)
+
+
+def test_fresh_flag_turns_reuse_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bool] = []
+    monkeypatch.setattr("anomalib_reconpatch.tools.compare.compare", lambda settings, reuse: calls.append(reuse))
+    command = ["compare", "--data", str(tmp_path / "data.yaml"), "--out", str(tmp_path / "out")]
+    assert main(command) == 0
+    assert main([*command, "--fresh"]) == 0
+    assert calls == [True, False]
 
 
 def test_anomalib_benchmark_pipeline_runs_reconpatch(demo_root: Path, lite_weights: None, tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ def _compare(args: argparse.Namespace) -> int:
         reconpatch_args=_parse_assignments(args.reconpatch),
     )
     try:
-        compare(settings)
+        compare(settings, reuse=not args.fresh)
     except RunFailedError as error:
         print(f"reconpatch compare: error: {error}", file=sys.stderr)
         return 1
@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("--reconpatch", nargs="*", default=[], metavar="NAME=VALUE", help="ReConPatch-only arguments")
     cmp.add_argument("--out", required=True, help="output folder for report.md, report.json, roc.png, heatmaps.png")
+    cmp.add_argument(
+        "--fresh",
+        action="store_true",
+        help="run every model and seed again (by default a run finished in --out with the same settings is reused)",
+    )
     cmp.set_defaults(run=_compare)
 
     pred = commands.add_parser("predict", help="score images with an exported OpenVINO model; overlays and a CSV")

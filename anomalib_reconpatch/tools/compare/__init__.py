@@ -31,7 +31,7 @@ from .report import (
     write_category_summary,
     write_data_report,
 )
-from .runner import RunFailedError, describe_exit, run_in_process
+from .runner import RunFailedError, describe_exit, finished_or_new_run
 from .settings import CompareSettings, image_shape
 
 __all__ = [
@@ -51,8 +51,11 @@ __all__ = [
 ]
 
 
-def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> dict:
+def compare(settings: CompareSettings, log: Callable[[str], None] = print, reuse: bool = True) -> dict:
     """Train and test every model on the same data; write report.json, report.md, roc.png and heatmaps.png.
+
+    A (model, seed) run that an earlier call finished in the same output folder with the same settings
+    is reused, so a comparison that stopped goes on from its last finished run.
 
     With several categories (``init_args.category`` a list or ``all``) each category gets those files
     in ``settings.out/CATEGORY``, and ``settings.out`` gets the summary over the categories. The data
@@ -62,6 +65,7 @@ def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> di
     Args:
         settings (CompareSettings): What every run shares; the files go to ``settings.out``.
         log (Callable[[str], None]): Receives progress lines, the runs' output and the tables.
+        reuse (bool): Reuse finished runs; ``False`` runs every model and seed again. Defaults to ``True``.
 
     Returns:
         dict: For one category, ``report`` (as in report.json), ``engine_metrics`` (anomalib's test
@@ -94,16 +98,20 @@ def compare(settings: CompareSettings, log: Callable[[str], None] = print) -> di
         build_datamodule(config, settings.seeds[0])  # bad data or model settings fail here, before any run
     fresh = {name: build_model(name, settings) for name in settings.models}  # take the fitted states for latency
     if categories is None:
-        return compare_data(settings, data_config, fresh, log)
+        return compare_data(settings, data_config, fresh, log, reuse)
     results = {}
     for category, config in categories.items():
         log(f"[{category}] category {len(results) + 1} of {len(categories)}")
-        results[category] = compare_data(replace(settings, out=settings.out / category), config, fresh, log)
+        results[category] = compare_data(replace(settings, out=settings.out / category), config, fresh, log, reuse)
     return {"report": write_category_summary(settings, data_config, results, log), "categories": results}
 
 
 def compare_data(
-    settings: CompareSettings, data_config: dict[str, Any], fresh: dict[str, Any], log: Callable[[str], None]
+    settings: CompareSettings,
+    data_config: dict[str, Any],
+    fresh: dict[str, Any],
+    log: Callable[[str], None],
+    reuse: bool = True,
 ) -> dict:
     """Run :func:`compare` on one datamodule config.
 
@@ -115,6 +123,7 @@ def compare_data(
         data_config (dict[str, Any]): The datamodule config of one category.
         fresh (dict[str, Any]): One unfitted model per name, to load the fitted states into and time.
         log (Callable[[str], None]): Receives progress lines, the runs' output and the table.
+        reuse (bool): Reuse the runs that an earlier call finished with the same settings. Defaults to ``True``.
 
     Returns:
         dict: ``report`` (as in report.json), ``engine_metrics`` (anomalib's test metrics of the first
@@ -127,7 +136,7 @@ def compare_data(
     runs: dict[str, dict] = {}
     for seed in settings.seeds:
         for name in settings.models:
-            run = run_in_process(name, settings, seed, data_config, log)
+            run = finished_or_new_run(name, settings, seed, data_config, log, reuse)
             per_seed.setdefault(seed, {})[name] = run["result"]
             engine_metrics.setdefault(seed, {})[name] = run["engine_metrics"]
             if seed == first:

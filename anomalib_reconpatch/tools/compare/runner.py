@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -24,8 +25,11 @@ from .callbacks import PhaseTimer, TestRecorder
 from .data import build_datamodule, download_failure
 from .models import build_model
 from .probes import latency_images
-from .report import METRIC_KEYS
+from .report import METRIC_KEYS, machine, versions
 from .settings import CompareSettings
+
+RUN_FILE = "compare_run.pt"
+"""A finished run's result, in its run folder, with the settings it was made with."""
 
 
 def run_one(
@@ -55,7 +59,7 @@ def run_one(
     model = build_model(name, settings)
     timer, recorder = PhaseTimer(), TestRecorder()
     engine = Engine(
-        default_root_dir=settings.out / "runs" / name / f"seed{seed}",
+        default_root_dir=run_folder(settings, name, seed),
         logger=False,
         callbacks=[timer, recorder, ExplainFailures()],
         enable_progress_bar=False,
@@ -164,6 +168,86 @@ def run_in_process(
         run = torch.load(result, weights_only=True)
     if "error" in run:
         raise USER_ERRORS[run["error"]](run["message"])
+    return run
+
+
+def run_folder(settings: CompareSettings, name: str, seed: int) -> Path:
+    """Where one (model, seed) run writes: anomalib's run folders and the finished run's result.
+
+    Args:
+        settings (CompareSettings): The shared settings.
+        name (str): The model's class name.
+        seed (int): The run's seed.
+
+    Returns:
+        Path: ``settings.out/runs/NAME/seedN``.
+    """
+    return settings.out / "runs" / name / f"seed{seed}"
+
+
+def run_key(name: str, settings: CompareSettings, seed: int, data_config: dict[str, Any]) -> str:
+    """Everything a run's result depends on, as JSON text: a saved run is reused only where this matches.
+
+    The other seeds and the output folder are left out, so ``--seed 0`` and then ``--seed 0 1 2`` in the
+    same folder reuse seed 0; the machine and the library versions are in, so a run's timings are never
+    another machine's and an upgrade runs again.
+
+    Args:
+        name (str): The model's class name.
+        settings (CompareSettings): The shared settings.
+        seed (int): The run's seed.
+        data_config (dict[str, Any]): The datamodule config of one category.
+
+    Returns:
+        str: Sorted JSON of the model, seed, data config, settings, machine and library versions.
+    """
+    from ... import __version__
+
+    shared = {key: value for key, value in asdict(settings).items() if key not in {"seeds", "out"}}
+    spec = {"name": name, "seed": seed, "data_config": data_config, "settings": shared}
+    spec["machine"], spec["versions"] = machine(), {**versions(), "anomalib_reconpatch": __version__}
+    return json.dumps(spec, default=str, sort_keys=True)
+
+
+def finished_or_new_run(
+    name: str,
+    settings: CompareSettings,
+    seed: int,
+    data_config: dict[str, Any],
+    log: Callable[[str], None],
+    reuse: bool = True,
+) -> dict:
+    """Reuse the run that an earlier call finished with the same settings, or run it now and save it.
+
+    A comparison of several models and seeds can take hours; one that stopped (a failed run, Ctrl-C, a
+    machine that went down) goes on from its last finished run when the same command is given again.
+
+    Args:
+        name (str): The model's class name.
+        settings (CompareSettings): The shared settings.
+        seed (int): The run's seed.
+        data_config (dict[str, Any]): The datamodule config of one category.
+        log (Callable[[str], None]): Receives progress lines and the run's output.
+        reuse (bool): Reuse a finished run; ``False`` runs every model and seed again. Defaults to ``True``.
+
+    Returns:
+        dict: What :func:`run_one` returned, now or in the earlier call.
+    """
+    path, key = run_folder(settings, name, seed) / RUN_FILE, run_key(name, settings, seed, data_config)
+    if reuse and path.is_file():
+        try:
+            saved = torch.load(path, weights_only=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:  # unreadable: run it again
+            log(f"[{name}, seed {seed}] {path} is unreadable ({error}); running it again")
+            saved = {}
+        if saved.get("key") == key:
+            log(f"[{name}, seed {seed}] reusing the run finished earlier with the same settings ({path})")
+            return saved["run"]
+    run = run_in_process(name, settings, seed, data_config, log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial_path = path.with_suffix(".partial")
+    torch.save({"key": key, "run": run}, partial_path)
+    partial_path.replace(path)  # a run stopped while saving leaves no half-written result to reuse
     return run
 
 
