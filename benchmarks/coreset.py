@@ -9,6 +9,11 @@ selection and of anomalib's selection (computed with our exact algorithm on anom
 projection and start point, which selects the same points: tests/test_coreset.py).
 Every 10 s our selection also logs how many of its balls it scanned per step: few on clustered
 patches (fast), nearly all on diffuse ones (a full scan per step).
+
+``--trained`` selects on ``f(x)`` after training ``f`` with the model's defaults, as a fit does, instead
+of on the backbone features; ``--dims 32 48`` also times our selection with each count of the projected
+bound's principal directions (and says whether it selects the same rows); ``--stock-steps 0`` skips
+anomalib's loop and the coverage radii, which take minutes on large data.
 """
 
 from __future__ import annotations
@@ -40,11 +45,20 @@ def main() -> None:
     parser.add_argument(
         "--without-bound", action="store_true", help="also time our selection without the projected bound"
     )
+    parser.add_argument("--trained", action="store_true", help="select on f(x), f trained with the defaults")
+    parser.add_argument("--dims", type=int, nargs="+", default=[], help="also time the bound on these many directions")
     args = parser.parse_args()
     logging.basicConfig(format="%(message)s")
     logging.getLogger("anomalib_reconpatch.components.coreset").setLevel(logging.INFO)
     datamodule, model = load_data(args)
     features = flat_patches(cache(model, datamodule.train_dataloader(), test=False)["features"])
+    if args.trained:
+        start = time.perf_counter()
+        with torch.enable_grad():
+            model.train_representation(features)
+        with torch.no_grad():
+            features = torch.cat([model.model.embed(chunk) for chunk in features.split(65536)])
+        print(f"f trained with the defaults in {time.perf_counter() - start:.1f} s; selecting on f(x)")
     n_select = int(len(features) * args.ratio)
     print(f"{len(features)} patches x {features.shape[1]} dims, selecting {n_select}")
 
@@ -53,7 +67,17 @@ def main() -> None:
     start = time.perf_counter()
     ours = greedy_k_center(features, n_select, start_index)
     ours_s = time.perf_counter() - start
-    print(f"ours: {ours_s:.1f} s ({1000 * ours_s / n_select:.2f} ms per selection)")
+    per_selection = 1000 * ours_s / n_select
+    print(f"ours: {ours_s:.1f} s ({per_selection:.2f} ms per selection), {coreset.PROJECTED_DIMS} directions")
+    default_dims = coreset.PROJECTED_DIMS
+    for dims in args.dims:
+        coreset.PROJECTED_DIMS = dims
+        start = time.perf_counter()
+        other = greedy_k_center(features, n_select, start_index)
+        other_s = time.perf_counter() - start
+        same = "the same" if torch.equal(other, ours) else "another"
+        print(f"ours with {dims} directions: {other_s:.1f} s ({other_s / ours_s:.2f}x), {same} selection")
+    coreset.PROJECTED_DIMS = default_dims
     if args.without_bound:
         dims, coreset.PROJECTED_DIMS = coreset.PROJECTED_DIMS, features.shape[1]  # too many: the bound is off
         start = time.perf_counter()
@@ -63,6 +87,8 @@ def main() -> None:
         same = "the same" if torch.equal(unbounded, ours) else "another"
         print(f"ours without the projected bound: {unbounded_s:.1f} s ({unbounded_s / ours_s:.1f}x), {same} selection")
 
+    if args.stock_steps == 0:
+        return
     stock = KCenterGreedy(features, sampling_ratio=args.stock_steps / len(features))
     start = time.perf_counter()
     stock.select_coreset_idxs()

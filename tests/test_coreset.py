@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import threading
 
 import pytest
@@ -38,6 +40,36 @@ def test_same_selection_as_brute_force(n: int, dim: int, n_select: int, ball_siz
     features = clustered_points(n, dim, seed=n)
     fast = greedy_k_center(features, n_select, start=7, ball_size=ball_size).tolist()
     assert fast == brute_force_k_center(features, n_select, start=7)
+
+
+def multiscale_points(n: int, dim: int, seed: int) -> torch.Tensor:
+    """Clusters of very different spreads (float64): the balls prune the tight ones, the wide ones need the
+    projected bound, so a selection goes back and forth between the two."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(26, dim, generator=g, dtype=torch.float64) * 5
+    spreads = torch.exp(1.7 * torch.randn(26, generator=g, dtype=torch.float64))
+    which = torch.randint(26, (n,), generator=g)
+    return centres[which] + torch.randn(n, dim, generator=g, dtype=torch.float64) * spreads[which, None]
+
+
+def test_same_selection_as_brute_force_where_ball_and_projected_pruning_alternate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from anomalib_reconpatch.components import coreset
+
+    bound_steps: list[int] = []
+    below = coreset.ProjectedBound.below
+
+    def recorded(self: ProjectedBound, centre: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+        bound_steps.append(inspect.currentframe().f_back.f_locals["step"])  # the selection step that asks
+        return below(self, centre, bound)
+
+    monkeypatch.setattr(coreset.ProjectedBound, "below", recorded)
+    features = multiscale_points(2000, 130, seed=4)
+    fast = greedy_k_center(features, 300, start=7, ball_size=16).tolist()
+    assert fast == brute_force_k_center(features, 300, start=7)
+    # the bound ran again after steps that the balls pruned: the row-order distances it reads kept up with them
+    assert any(later > earlier + 1 for earlier, later in itertools.pairwise(bound_steps))
 
 
 @pytest.mark.parametrize("offset", [0.0, 300.0])

@@ -36,6 +36,14 @@ def _balls(features: torch.Tensor, ball_size: int, generator: torch.Generator) -
     """Group rows into balls of at most ``ball_size`` nearby points.
 
     Two k-means passes with ``N // ball_size`` centres; clusters larger than ``ball_size`` are split.
+    Their cost grows with the square of ``N``, so callers with many columns pass the rows' projection on
+    their principal directions (:class:`ProjectedBound`): nearly the same balls for a fraction of the
+    products. Any grouping keeps the selection exact; only how much the balls prune depends on it.
+
+    Args:
+        features (torch.Tensor): ``N x D`` rows, or their coordinates in any space where nearby rows stay near.
+        ball_size (int): Largest number of rows in one ball.
+        generator (torch.Generator): Draws the first centres.
 
     Returns:
         tuple[torch.Tensor, torch.Tensor]: A ``balls x ball_size`` row index (padding slots hold row 0) and the
@@ -44,12 +52,13 @@ def _balls(features: torch.Tensor, ball_size: int, generator: torch.Generator) -
     n = features.shape[0]
     n_clusters = max(1, n // ball_size)
     centres = features[torch.randperm(n, generator=generator)[:n_clusters]]
-    norms = features.pow(2).sum(1, keepdim=True)
     for _ in range(2):
+        # nearest centre by ||c||^2 - 2 x.c: the row's own norm is the same for every centre
+        centre_sq = centres.pow(2).sum(1).expand(8192, -1)
         assign = torch.cat(
             [
-                (norms[s : s + 8192] - 2 * features[s : s + 8192] @ centres.T + centres.pow(2).sum(1)).argmin(1)
-                for s in range(0, n, 8192)
+                torch.addmm(centre_sq[: len(chunk)], chunk, centres.T, alpha=-2.0).argmin(1)
+                for chunk in features.split(8192)
             ]
         )
         sums = torch.zeros_like(centres).index_add_(0, assign, features)
@@ -70,7 +79,7 @@ def _balls(features: torch.Tensor, ball_size: int, generator: torch.Generator) -
     return index, valid
 
 
-PROJECTED_DIMS = 32  # principal directions of the projected lower bound; measured in docs/design/coreset-pruning.md
+PROJECTED_DIMS = 48  # principal directions of the projected lower bound; measured in docs/design/coreset-pruning.md
 ROUNDING = 1e-4  # relative slack of the bound's terms, some 1,000 float32 roundings
 PCA_SAMPLE = 16384  # rows whose covariance gives the directions: any orthonormal basis keeps the bound exact
 
@@ -406,7 +415,8 @@ def greedy_k_center(
             start, mine, centre = farthest_from_mean(features, agreement)
         else:
             mine, centre = True, features[start]
-        index, valid = _balls(features, ball_size, generator)
+        bound = ProjectedBound(features, PROJECTED_DIMS, generator) if features.shape[1] > 2 * PROJECTED_DIMS else None
+        index, valid = _balls(features if bound is None else bound.projected, ball_size, generator)
         n_balls = len(index)
         points = features[index]  # balls x ball_size x D (padding repeats row 0, masked out below)
         flat = points.reshape(-1, points.shape[-1])
@@ -421,8 +431,11 @@ def greedy_k_center(
         ball_max = torch.full((n_balls,), math.inf, dtype=features.dtype)
         slot_of_row = torch.empty(features.shape[0], dtype=torch.long)
         slot_of_row[index[valid]] = valid.reshape(-1).nonzero().squeeze(1)
-        bound = ProjectedBound(features, PROJECTED_DIMS, generator) if features.shape[1] > 2 * PROJECTED_DIMS else None
         flat_mind = mind.view(-1)
+        # the same distances in row order, for the projected bound: kept beside the ball layout, since
+        # gathering them from it would read every row's slot at every step
+        row_mind = torch.full((features.shape[0],), math.inf, dtype=features.dtype) if bound is not None else None
+        flat_index = index.view(-1)
         selected = [start] if mine else []
         if on_pick is not None:
             on_pick(centre)
@@ -440,10 +453,10 @@ def greedy_k_center(
                 if bound is not None:
                     # the projected bound reads d of D columns of every row, and in full only the rows it
                     # cannot rule out
-                    rows = bound.below(centre, flat_mind[slot_of_row])
-                    slots = slot_of_row[rows]
+                    rows = bound.below(centre, row_mind)
                     dist = (row_sq_norms[rows] + centre_sq - 2.0 * (features[rows] @ centre)).clamp_min_(0.0)
-                    flat_mind[slots] = torch.minimum(flat_mind[slots], dist)
+                    row_mind[rows] = dist = torch.minimum(row_mind[rows], dist)
+                    flat_mind[slot_of_row[rows]] = dist
                 else:  # few columns: one contiguous matvec over the unpadded rows (balls are a third padding
                     # on diffuse data), then gathered into ball layout
                     dist = torch.addmv(row_sq_norms + centre_sq, features, centre, alpha=-2.0).clamp_min_(0.0)
@@ -456,7 +469,9 @@ def greedy_k_center(
                 block = mind[active]
                 rows = (active[:, None] * ball_size + torch.arange(ball_size))[lower.square_() < block]
                 dist = (sq_norms[rows] + centre_sq - 2.0 * (flat[rows] @ centre)).clamp_min_(0.0)
-                flat_mind[rows] = torch.minimum(flat_mind[rows], dist)
+                flat_mind[rows] = dist = torch.minimum(flat_mind[rows], dist)
+                if row_mind is not None:
+                    row_mind[flat_index[rows]] = dist
                 ball_max[active] = mind[active].amax(1)
             ball = int(ball_max.argmax())
             slot = int(mind[ball].argmax())
@@ -465,6 +480,8 @@ def greedy_k_center(
             if mine:
                 selected.append(chosen)
                 mind[ball, slot] = 0.0
+                if row_mind is not None:
+                    row_mind[chosen] = 0.0
                 ball_max[ball] = mind[ball].amax()
             if on_pick is not None:
                 on_pick(centre)
