@@ -64,26 +64,25 @@ def main() -> None:
 
     torch.manual_seed(0)
     start_index = int(torch.randint(high=len(features), size=(1,)))
-    start = time.perf_counter()
-    ours = greedy_k_center(features, n_select, start_index)
-    ours_s = time.perf_counter() - start
+
+    def with_directions(dims: int) -> tuple[torch.Tensor, float]:
+        """Our selection from the same start with the bound on ``dims`` directions, and its seconds."""
+        default, coreset.PROJECTED_DIMS = coreset.PROJECTED_DIMS, dims
+        try:
+            start = time.perf_counter()
+            return greedy_k_center(features, n_select, start_index), time.perf_counter() - start
+        finally:
+            coreset.PROJECTED_DIMS = default
+
+    ours, ours_s = with_directions(coreset.PROJECTED_DIMS)
     per_selection = 1000 * ours_s / n_select
     print(f"ours: {ours_s:.1f} s ({per_selection:.2f} ms per selection), {coreset.PROJECTED_DIMS} directions")
-    default_dims = coreset.PROJECTED_DIMS
     for dims in args.dims:
-        coreset.PROJECTED_DIMS = dims
-        start = time.perf_counter()
-        other = greedy_k_center(features, n_select, start_index)
-        other_s = time.perf_counter() - start
+        other, other_s = with_directions(dims)
         same = "the same" if torch.equal(other, ours) else "another"
         print(f"ours with {dims} directions: {other_s:.1f} s ({other_s / ours_s:.2f}x), {same} selection")
-    coreset.PROJECTED_DIMS = default_dims
     if args.without_bound:
-        dims, coreset.PROJECTED_DIMS = coreset.PROJECTED_DIMS, features.shape[1]  # too many: the bound is off
-        start = time.perf_counter()
-        unbounded = greedy_k_center(features, n_select, start_index)
-        unbounded_s = time.perf_counter() - start
-        coreset.PROJECTED_DIMS = dims
+        unbounded, unbounded_s = with_directions(features.shape[1])  # too many: the bound is off
         same = "the same" if torch.equal(unbounded, ours) else "another"
         print(f"ours without the projected bound: {unbounded_s:.1f} s ({unbounded_s / ours_s:.1f}x), {same} selection")
 
