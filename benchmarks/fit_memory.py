@@ -31,9 +31,9 @@ def child(args: argparse.Namespace) -> None:
 
     from anomalib_reconpatch import ReConPatch
     from anomalib_reconpatch.tools.compare import build_datamodule, load_datamodule_config
-    from anomalib_reconpatch.tools.memory import fix_mmap_threshold, peak_rss
+    from anomalib_reconpatch.tools.memory import compare_mmap_threshold, fix_mmap_threshold, peak_rss
 
-    fix_mmap_threshold()  # as reconpatch compare does
+    fix_mmap_threshold(compare_mmap_threshold("ReConPatch"))  # as reconpatch compare does
     budget = None if args.child_budget == "none" else int(args.child_budget)
     seed_everything(0, workers=True)
     datamodule = build_datamodule(load_datamodule_config(args.data), seed=0)

@@ -14,13 +14,44 @@ logger = logging.getLogger(__name__)
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number
 
 
-def fix_mmap_threshold(threshold_bytes: int = 4 * 2**20) -> bool:
+OWN_MODELS_THRESHOLD = 4 * 2**20
+"""ReConPatch's models: their fit's many temporaries of up to a few MB stay on the heap, reused."""
+
+STOCK_MODELS_THRESHOLD = 128 * 2**10
+"""Every other model, stock Patchcore among them: glibc's own starting threshold, never raised."""
+
+
+def compare_mmap_threshold(model_name: str) -> int:
+    """The mmap threshold that ``reconpatch compare`` fixes in a model's run, in bytes.
+
+    Stock PatchCore's coreset loop (anomalib's ``KCenterGreedy``) allocates a vector of one float per
+    patch at every selection. Below the threshold each one comes from the heap and about one such
+    vector a selection stays behind in it, so at 4 MiB the loop grew to 19 GB on MVTec AD bottle at
+    ratio 0.1 and was killed at 21.5 GiB on KolektorSDD at 640 x 256; at 128 KiB it stays flat, as
+    fast. ReConPatch's representation training makes many temporaries of a few hundred KB a step:
+    mapped afresh each time, its fit took 2.3x as long, so it keeps 4 MiB. The measurements are in
+    ``docs/design/feature-spill.md``.
+
+    Args:
+        model_name (str): The compared model's class name, such as ``ReConPatch`` or ``Patchcore``.
+
+    Returns:
+        int: The threshold in bytes.
+
+    Example:
+        >>> compare_mmap_threshold("ReConPatchEnsemble"), compare_mmap_threshold("Patchcore")
+        (4194304, 131072)
+    """
+    return OWN_MODELS_THRESHOLD if model_name in {"ReConPatch", "ReConPatchEnsemble"} else STOCK_MODELS_THRESHOLD
+
+
+def fix_mmap_threshold(threshold_bytes: int) -> bool:
     """Serve allocations above ``threshold_bytes`` by mmap and return them to the OS on free (glibc only).
 
-    glibc raises its mmap threshold after each large free, after which multi-megabyte temporaries
-    come from the heap and fragment it, and a loop of large temporaries such as stock PatchCore's
-    coreset selection can grow until it is killed. Fixing the threshold keeps such a loop's memory
-    flat; the measurement is in ``docs/design/feature-spill.md``.
+    glibc raises its mmap threshold after each large free (up to 32 MiB), after which large
+    temporaries come from the heap and fragment it, and a loop of large temporaries such as stock
+    PatchCore's coreset selection can grow until it is killed. A fixed threshold keeps the
+    temporaries above it out of the heap (:func:`compare_mmap_threshold` picks one per model).
 
     Args:
         threshold_bytes (int): Size in bytes from which allocations are served by mmap.

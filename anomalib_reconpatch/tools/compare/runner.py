@@ -20,7 +20,7 @@ from urllib.error import URLError
 import torch
 
 from ..errors import BAD_INPUT_ERRORS, error_text
-from ..memory import fix_mmap_threshold, peak_rss
+from ..memory import compare_mmap_threshold, fix_mmap_threshold, peak_rss
 from .callbacks import PhaseTimer, TestRecorder
 from .data import build_datamodule, download_failure
 from .models import build_model
@@ -267,7 +267,7 @@ def run_child(job: Path, result: Path) -> None:
     size = size if isinstance(size, int) else tuple(size)
     paths = {"data": Path(fields["data"]), "out": Path(fields["out"])}
     settings = CompareSettings(**{**fields, **paths, "image_size": size})
-    fix_mmap_threshold()  # the same allocator setting for every run; see tools/memory.py
+    fix_mmap_threshold(compare_mmap_threshold(spec["name"]))
     try:
         run = run_one(spec["name"], settings, spec["seed"], spec["data_config"], partial(print, flush=True))
     except tuple(USER_ERRORS.values()) as error:
