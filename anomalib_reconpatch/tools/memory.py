@@ -25,11 +25,12 @@ def compare_mmap_threshold(model_name: str) -> int:
     """The mmap threshold that ``reconpatch compare`` fixes in a model's run, in bytes.
 
     Stock PatchCore's coreset loop (anomalib's ``KCenterGreedy``) allocates a vector of one float per
-    patch at every selection. Below the threshold each one comes from the heap and about one such
-    vector a selection stays behind in it, so at 4 MiB the loop grew to 19 GB on MVTec AD bottle at
-    ratio 0.1 and was killed at 21.5 GiB on KolektorSDD at 640 x 256; at 128 KiB it stays flat, as
-    fast. ReConPatch's representation training makes many temporaries of a few hundred KB a step:
-    mapped afresh each time, its fit took 2.3x as long, so it keeps 4 MiB. The measurements are in
+    patch at every selection and keeps the selected index, a small tensor. Below the threshold each
+    vector comes from the heap, the kept indices land in the freed vectors' space, and about one
+    vector a selection stays behind, so at 4 MiB the loop grew to 19 GB on MVTec AD bottle at ratio
+    0.1 and was killed at 21.5 GiB on KolektorSDD at 640 x 256; at 128 KiB it stays flat, as fast.
+    ReConPatch's representation training makes many temporaries of a few hundred KB a step: mapped
+    afresh each time, its fit took 1.4x to 2.3x as long, so it keeps 4 MiB. The measurements are in
     ``docs/design/feature-spill.md``.
 
     Args:
