@@ -40,6 +40,24 @@ def write_report(report: str, out: Path | None) -> None:
         out.write_text(report)
 
 
+def fit_in_scratch(model: object, datamodule: object, callbacks: list | None = None) -> float:
+    """Fit ``model`` through anomalib's Engine in a throwaway folder; the seconds ``engine.fit`` took.
+
+    No logger, progress bar or validation pass, as every fit-timing benchmark runs it.
+    """
+    import tempfile
+
+    from anomalib.engine import Engine
+
+    with tempfile.TemporaryDirectory() as root:
+        engine = Engine(
+            default_root_dir=root, logger=False, enable_progress_bar=False, limit_val_batches=0, callbacks=callbacks
+        )
+        start = time.perf_counter()
+        engine.fit(model=model, datamodule=datamodule)
+        return time.perf_counter() - start
+
+
 @contextmanager
 def busy_processes(count: int) -> Iterator[None]:
     """``count`` busy-looping Python processes, one core's work each, while the block runs.

@@ -21,15 +21,13 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from common import busy_processes, data_parser, write_report
+from common import busy_processes, data_parser, fit_in_scratch, write_report
 
 
 def child(args: argparse.Namespace) -> None:
     """Fit one model once and print its phase timings as one JSON line."""
-    from anomalib.engine import Engine
     from anomalib.models import Patchcore
     from lightning.pytorch import seed_everything
 
@@ -48,11 +46,7 @@ def child(args: argparse.Namespace) -> None:
     else:
         model = Patchcore(**common, visualizer=False)
     timer = PhaseTimer()
-    with tempfile.TemporaryDirectory() as root:
-        engine = Engine(
-            default_root_dir=root, logger=False, enable_progress_bar=False, limit_val_batches=0, callbacks=[timer]
-        )
-        engine.fit(model=model, datamodule=datamodule)
+    fit_in_scratch(model, datamodule, callbacks=[timer])
     if args.child == "ReConPatch":
         phases = {
             "features": model.fit_timings["features_s"],

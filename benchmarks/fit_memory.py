@@ -17,16 +17,13 @@ import json
 import resource
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-from common import data_parser
+from common import data_parser, fit_in_scratch
 
 
 def child(args: argparse.Namespace) -> None:
     """Fit once with ``--child-budget`` and print one JSON line."""
-    from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
 
     from anomalib_reconpatch import ReConPatch
@@ -44,12 +41,8 @@ def child(args: argparse.Namespace) -> None:
         feature_memory_mb=budget,
         visualizer=False,
     )
-    with tempfile.TemporaryDirectory() as root:
-        engine = Engine(default_root_dir=root, logger=False, enable_progress_bar=False, limit_val_batches=0)
-        start = time.perf_counter()
-        with peak_rss() as sampled:
-            engine.fit(model=model, datamodule=datamodule)
-        fit_s = time.perf_counter() - start
+    with peak_rss() as sampled:
+        fit_s = fit_in_scratch(model, datamodule)
     bank = model.model.memory_bank.contiguous().numpy()
     print(
         json.dumps(

@@ -25,11 +25,10 @@ import json
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import data_parser, write_report
+from common import data_parser, fit_in_scratch, write_report
 
 
 def resident_mb() -> float:
@@ -74,7 +73,6 @@ def kcenter_child(args: argparse.Namespace) -> dict:
 def fit_child(args: argparse.Namespace, name: str) -> dict:
     """Fit ``ReConPatch`` or stock ``Patchcore`` on ``--data`` once; its time and peak resident memory."""
     import anomalib.models
-    from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
 
     import anomalib_reconpatch  # noqa: F401  (registers ReConPatch in anomalib.models)
@@ -84,11 +82,7 @@ def fit_child(args: argparse.Namespace, name: str) -> dict:
     datamodule = build_datamodule(load_datamodule_config(args.data), seed=0)
     model_class = getattr(anomalib.models, name)
     model = model_class(backbone=args.backbone, layers=args.layers, coreset_sampling_ratio=args.ratio, visualizer=False)
-    with tempfile.TemporaryDirectory() as root:
-        engine = Engine(default_root_dir=root, logger=False, enable_progress_bar=False, limit_val_batches=0)
-        start = time.perf_counter()
-        engine.fit(model=model, datamodule=datamodule)
-        fit_s = time.perf_counter() - start
+    fit_s = fit_in_scratch(model, datamodule)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"fit_s": fit_s, "peak_mb": peak_mb}
 
