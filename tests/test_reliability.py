@@ -79,7 +79,7 @@ from anomalib.engine import Engine
 from anomalib_reconpatch import ReConPatch
 from anomalib_reconpatch.components.coreset import FastKCenterGreedy
 
-root, results, out, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+root, results, out, steps, slowed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 
 
 def mark(text):  # a phase marker for the test, which signals the run when it reads one
@@ -92,7 +92,8 @@ sample_coreset = FastKCenterGreedy.sample_coreset
 
 def marked_training_step(self, batch, *args, **kwargs):
     mark("phase features")
-    time.sleep(0.5)  # the signal lands while features are being extracted
+    if slowed == "phase features":
+        time.sleep(0.5)  # the signal lands while features are being extracted
     return training_step(self, batch, *args, **kwargs)
 
 
@@ -107,7 +108,8 @@ def marked_training(self, features, on_step=None):
 def marked_coreset(self, progress=None):
     def announce(selected):
         mark(f"phase coreset {selected}")
-        time.sleep(0.5)
+        if slowed == "phase coreset":
+            time.sleep(0.5)  # the signal lands mid-selection
         progress(selected)
 
     return sample_coreset(self, progress=announce)
@@ -142,9 +144,11 @@ class Run:
 
 def run_training(root: Path, results: Path, out: Path, tmp: Path, signal_at: tuple[str, int] | None = None) -> Run:
     """Train in a fresh interpreter (features spilled to ``tmp``); with ``signal_at=(text, signal)``, send
-    that signal at the first marker line containing the text, and wait for the process to end."""
+    that signal at the first marker line containing the text, and wait for the process to end. Only the
+    phase to be signalled pauses at its markers, so runs without a signal take no pauses."""
     tmp.mkdir(exist_ok=True)
-    command = [sys.executable, "-u", "-c", RUN_SCRIPT, str(root), str(results), str(out), str(STEPS)]
+    slowed = signal_at[0] if signal_at is not None else ""
+    command = [sys.executable, "-u", "-c", RUN_SCRIPT, str(root), str(results), str(out), str(STEPS), slowed]
     env = {**os.environ, "TMPDIR": str(tmp)}
     process = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=interruptible
