@@ -329,6 +329,10 @@ def test_a_rerun_reuses_each_finished_run_and_runs_again_what_changed(
         == (saved["per_seed"]["1"]["ReConPatch"]["image_AUROC"])
     )
     assert any("[ReConPatch, seed 1] reusing the run finished earlier with the same settings" in line for line in lines)
+    lines.clear()
+    with pytest.raises(AssertionError, match="Patchcore ran again"):  # only the model added runs
+        compare(replace(settings, seeds=[1], models=["ReConPatch", "Patchcore"]), log=lines.append)
+    assert any("[ReConPatch, seed 1] reusing the run finished earlier" in line for line in lines)
     changed = replace(settings, seeds=[1], reconpatch_args={"num_steps": 6})
     with pytest.raises(AssertionError, match="ReConPatch ran again"):
         compare(changed, log=lambda _: None)
@@ -339,6 +343,28 @@ def test_a_rerun_reuses_each_finished_run_and_runs_again_what_changed(
     with pytest.raises(AssertionError, match="ReConPatch ran again"):
         compare(replace(settings, seeds=[0]), log=lines.append)
     assert any("compare_run.pt is unreadable" in line and "running it again" in line for line in lines)
+
+
+def test_a_saved_run_matches_on_the_settings_that_change_it_alone(tmp_path: Path) -> None:
+    from anomalib_reconpatch.tools.compare.runner import run_key, same_run
+
+    settings = CompareSettings(data=tmp_path / "data.yaml", out=tmp_path / "out", models=["ReConPatch"])
+    data_config = {"class_path": "anomalib.data.MVTecAD", "init_args": {"category": "brick"}}
+    key = run_key("ReConPatch", settings, 0, data_config)
+    saved = json.loads(key)
+    saved["settings"]["models"] = ["ReConPatch", "ReConPatchEnsemble"]
+    assert same_run(json.dumps(saved, sort_keys=True), key)
+    saved["settings"]["coreset_ratio"] = 0.01
+    assert not same_run(json.dumps(saved, sort_keys=True), key)
+    assert not same_run(run_key("ReConPatch", settings, 1, data_config), key)
+    tuned = replace(settings, reconpatch_args={"num_steps": 6})  # changes ReConPatch's runs, not PatchCore's
+    assert not same_run(run_key("ReConPatch", tuned, 0, data_config), key)
+    assert same_run(run_key("Patchcore", tuned, 0, data_config), run_key("Patchcore", settings, 0, data_config))
+    saved = json.loads(run_key("Patchcore", settings, 0, data_config))
+    saved["settings"]["reconpatch_args"] = {"num_steps": 6}
+    assert same_run(json.dumps(saved, sort_keys=True), run_key("Patchcore", settings, 0, data_config))
+    assert not same_run("cut short", key)
+    assert not same_run(None, key)
 
 
 def test_fresh_flag_turns_reuse_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -55,7 +55,8 @@ def compare(settings: CompareSettings, log: Callable[[str], None] = print, reuse
     """Train and test every model on the same data; write report.json, report.md, roc.png and heatmaps.png.
 
     A (model, seed) run that an earlier call finished in the same output folder with the same settings
-    is reused, so a comparison that stopped goes on from its last finished run.
+    is reused, so a comparison that stopped goes on from its last finished run; adding a model, or new
+    ``reconpatch_args``, leaves the runs that they cannot change reusable.
 
     With several categories (``init_args.category`` a list or ``all``) each category gets those files
     in ``settings.out/CATEGORY``, and ``settings.out`` gets the summary over the categories. The data

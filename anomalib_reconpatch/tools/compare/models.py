@@ -55,6 +55,23 @@ def make_evaluator() -> Any:
     )
 
 
+def takes_reconpatch_args(name: str) -> bool:
+    """Whether the model of this class name gets ``settings.reconpatch_args``: ReConPatch and its ensemble.
+
+    Args:
+        name (str): An ``anomalib.models`` class name.
+
+    Returns:
+        bool: ``True`` for ``ReConPatch``, ``ReConPatchEnsemble`` and their subclasses.
+    """
+    import anomalib.models
+
+    from ... import reconpatch
+
+    model_class = getattr(anomalib.models, name, None)
+    return isinstance(model_class, type) and issubclass(model_class, reconpatch.ReConPatch)
+
+
 def build_model(name: str, settings: CompareSettings) -> Any:
     """Build ReConPatch, its ensemble or any anomalib memory-bank model by class name, on the shared settings.
 
@@ -90,7 +107,7 @@ def build_model(name: str, settings: CompareSettings) -> Any:
     }
     if not issubclass(model_class, reconpatch.ReConPatchEnsemble):
         kwargs["backbone"] = settings.backbone
-    if issubclass(model_class, reconpatch.ReConPatch):
+    if takes_reconpatch_args(name):
         kwargs.update(settings.reconpatch_args)
     try:
         return model_class(**kwargs)

@@ -23,7 +23,7 @@ from ..errors import BAD_INPUT_ERRORS, error_text
 from ..memory import compare_mmap_threshold, fix_mmap_threshold, peak_rss
 from .callbacks import PhaseTimer, TestRecorder
 from .data import build_datamodule, download_failure
-from .models import build_model
+from .models import build_model, takes_reconpatch_args
 from .probes import latency_images
 from .report import METRIC_KEYS, machine, versions
 from .settings import CompareSettings
@@ -185,11 +185,29 @@ def run_folder(settings: CompareSettings, name: str, seed: int) -> Path:
     return settings.out / "runs" / name / f"seed{seed}"
 
 
+def run_settings(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that can change one run of model ``name``, out of all the comparison's settings.
+
+    The other seeds, the other models and the output folder never do; ``reconpatch_args`` only change
+    the ReConPatch models, so new ``--reconpatch`` values leave stock PatchCore's hour-long runs reusable.
+
+    Args:
+        name (str): The model's class name.
+        settings (dict[str, Any]): The comparison's settings as a dict (``asdict(CompareSettings)``).
+
+    Returns:
+        dict[str, Any]: ``settings`` without those that cannot change the run.
+    """
+    ignored = {"seeds", "out", "models"} | (set() if takes_reconpatch_args(name) else {"reconpatch_args"})
+    return {key: value for key, value in settings.items() if key not in ignored}
+
+
 def run_key(name: str, settings: CompareSettings, seed: int, data_config: dict[str, Any]) -> str:
     """Everything a run's result depends on, as JSON text: a saved run is reused only where this matches.
 
-    The other seeds and the output folder are left out, so ``--seed 0`` and then ``--seed 0 1 2`` in the
-    same folder reuse seed 0; the machine and the library versions are in, so a run's timings are never
+    Only the settings that can change this run are in (:func:`run_settings`), so ``--seed 0`` and then
+    ``--seed 0 1 2`` in the same folder reuse seed 0, and a model added to the list leaves the others'
+    runs reusable; the machine and the library versions are in, so a run's timings are never
     another machine's and an upgrade runs again.
 
     Args:
@@ -203,10 +221,33 @@ def run_key(name: str, settings: CompareSettings, seed: int, data_config: dict[s
     """
     from ... import __version__
 
-    shared = {key: value for key, value in asdict(settings).items() if key not in {"seeds", "out"}}
-    spec = {"name": name, "seed": seed, "data_config": data_config, "settings": shared}
+    spec = {"name": name, "seed": seed, "data_config": data_config, "settings": run_settings(name, asdict(settings))}
     spec["machine"], spec["versions"] = machine(), {**versions(), "anomalib_reconpatch": __version__}
     return json.dumps(spec, default=str, sort_keys=True)
+
+
+def same_run(saved_key: object, key: str) -> bool:
+    """Whether a saved run's key names the run of ``key``, judged on :func:`run_settings` alone.
+
+    A key saved with settings that cannot change its run (the list of models compared beside it, or
+    ReConPatch's arguments in a stock model's key) still matches.
+
+    Args:
+        saved_key (object): The key saved with a finished run; anything but a JSON string never matches.
+        key (str): :func:`run_key` of the run wanted now.
+
+    Returns:
+        bool: ``True`` if the saved run was made with the same model, seed, data and settings.
+    """
+    if not isinstance(saved_key, str):
+        return False
+    try:
+        spec = json.loads(saved_key)
+    except json.JSONDecodeError:
+        return False
+    if isinstance(spec, dict) and isinstance(spec.get("settings"), dict):
+        spec["settings"] = run_settings(str(spec.get("name")), spec["settings"])
+    return json.dumps(spec, default=str, sort_keys=True) == key
 
 
 def finished_or_new_run(
@@ -240,7 +281,7 @@ def finished_or_new_run(
         except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:  # unreadable: run it again
             log(f"[{name}, seed {seed}] {path} is unreadable ({error}); running it again")
             saved = {}
-        if saved.get("key") == key:
+        if same_run(saved.get("key"), key):
             log(f"[{name}, seed {seed}] reusing the run finished earlier with the same settings ({path})")
             return saved["run"]
     run = run_in_process(name, settings, seed, data_config, log)
