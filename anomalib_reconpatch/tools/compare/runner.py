@@ -247,7 +247,7 @@ def same_run(saved_key: object, key: str) -> bool:
         return False
     if isinstance(spec, dict) and isinstance(spec.get("settings"), dict):
         spec["settings"] = run_settings(str(spec.get("name")), spec["settings"])
-    return json.dumps(spec, default=str, sort_keys=True) == key
+    return spec == json.loads(key)
 
 
 def finished_or_new_run(
