@@ -16,7 +16,9 @@ scales the 10 strongest principal directions by X instead of training; ``init=de
 PyTorch's default (random) initialisation instead of the identity; ``bank_f=target`` builds the bank and
 scores with the EMA copy of ``f`` (the target that labels the batches) as training leaves it; ``train_on=R``
 trains ``f`` only on a greedy k-center coreset of ratio R of the untrained features, for as many steps as
-the whole training set would take, so that rare normal patches weigh as much as common ones. Each line
+the whole training set would take, so that rare normal patches weigh as much as common ones; ``loss_on=both``
+puts the relaxed contrastive loss on ``f(x)`` as well as on ``g(f(x))`` and averages the two, as STML's reference
+code does for its two heads, and ``loss_on=f`` on ``f(x)`` alone (``g`` then goes unused). Each line
 ends with the range of the trained ``f``'s singular values (1-1 is the untrained identity) and its
 gain along the training features' strongest and weakest principal directions.
 """
@@ -48,7 +50,11 @@ from common import (
 
 from anomalib_reconpatch import ReConPatch
 from anomalib_reconpatch.components.coreset import FastKCenterGreedy, greedy_k_center
-from anomalib_reconpatch.reconpatch.lightning_model import RepresentationStep, representation_steps
+from anomalib_reconpatch.reconpatch.lightning_model import (
+    RepresentationNetworks,
+    RepresentationStep,
+    representation_steps,
+)
 
 
 def parse_setting(text: str) -> dict:
@@ -159,6 +165,19 @@ def main() -> None:
         write_report(f"`{command}`\n\n{header}\n\n{summary_table(rows)}", args.out)
 
 
+# Which outputs the relaxed contrastive loss is put on: the model's (g), f's alone, or the mean of both.
+LOSS_HEADS = ("g", "f", "both")
+
+
+def head_loss(
+    model: ReConPatch, networks: RepresentationNetworks, x: torch.Tensor, weights: torch.Tensor, on: str
+) -> torch.Tensor:
+    """The relaxed contrastive loss on ``f(x)`` (``on="f"``) or the mean of it and the model's loss on ``g(f(x))``."""
+    represented = networks.online_f(x)
+    on_f = model.loss(represented, weights)
+    return on_f if on == "f" else 0.5 * (on_f + model.loss(networks.online_g(represented), weights))
+
+
 def run_setting(
     text: str,
     args: argparse.Namespace,
@@ -185,7 +204,12 @@ def run_setting(
     train_on = setting.pop("train_on", None)
     if train_on is not None and not (isinstance(train_on, int | float) and 0 < train_on <= 1):
         raise SystemExit(f"train_on={train_on} in --setting {text!r}: use a coreset ratio in (0, 1].")
+    loss_on = setting.pop("loss_on", "g")
+    if loss_on not in LOSS_HEADS:
+        raise SystemExit(f"loss_on={loss_on} in --setting {text!r}: use one of {', '.join(LOSS_HEADS)}.")
     model = ReConPatch(backbone=args.backbone, layers=args.layers, coreset_sampling_ratio=args.coreset_ratio, **setting)
+    if loss_on != "g":
+        model.representation_loss = lambda networks, x, weights: head_loss(model, networks, x, weights, loss_on)
     if passes is not None:
         model.num_steps = math.ceil(passes * len(train_flat) / model.patches_per_step)
     training_rows = train_flat
