@@ -13,12 +13,16 @@ patches (fast), nearly all on diffuse ones (a full scan per step).
 ``--trained`` selects on ``f(x)`` after training ``f`` with the model's defaults, as a fit does, instead
 of on the backbone features; ``--dims 32 48`` also times our selection with each count of the projected
 bound's principal directions (and says whether it selects the same rows); ``--stock-steps 0`` skips
-anomalib's loop and the coverage radii, which take minutes on large data.
+anomalib's loop and the coverage radii, which take minutes on large data. ``--shards N`` times the
+selection as a fit makes it (from the row farthest from the mean), N times in turn on all of torch's
+threads (a fit whose training chose all threads) and on two shards of the rows, each selected by its own
+thread (one whose training chose one thread), and says whether the two select the same rows.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 
 import torch
@@ -47,6 +51,9 @@ def main() -> None:
     )
     parser.add_argument("--trained", action="store_true", help="select on f(x), f trained with the defaults")
     parser.add_argument("--dims", type=int, nargs="+", default=[], help="also time the bound on these many directions")
+    parser.add_argument(
+        "--shards", type=int, default=0, help="time the fit's selection N times on all threads and on two shards"
+    )
     args = parser.parse_args()
     logging.basicConfig(format="%(message)s")
     logging.getLogger("anomalib_reconpatch.components.coreset").setLevel(logging.INFO)
@@ -86,6 +93,22 @@ def main() -> None:
         same = "the same" if torch.equal(unbounded, ours) else "another"
         print(f"ours without the projected bound: {unbounded_s:.1f} s ({unbounded_s / ours_s:.1f}x), {same} selection")
 
+    if args.shards:
+        threads = {"all threads": torch.get_num_threads(), "two shards": 1}
+        seconds: dict[str, list[float]] = {name: [] for name in threads}
+        chosen: dict[str, torch.Tensor] = {}
+        for _ in range(args.shards):
+            for name, count in threads.items():
+                start = time.perf_counter()
+                chosen[name] = greedy_k_center(features, n_select, threads=count)
+                seconds[name].append(time.perf_counter() - start)
+                print(f"fit's selection on {name}: {seconds[name][-1]:.1f} s", flush=True)
+        whole, shards = (statistics.median(seconds[name]) for name in threads)
+        same = "the same" if torch.equal(*chosen.values()) else "another"
+        print(
+            f"fit's selection, median of {args.shards}: all threads {whole:.1f} s, two shards {shards:.1f} s "
+            f"({whole / shards:.2f}x), {same} selection"
+        )
     if args.stock_steps == 0:
         return
     stock = KCenterGreedy(features, sampling_ratio=args.stock_steps / len(features))
