@@ -159,6 +159,57 @@ def test_a_busy_cpus_selection_on_two_thread_shards_is_the_one_thread_selection_
     assert reported == sorted(reported)
 
 
+@pytest.mark.parametrize("dim", [40, 160])  # distances kept in ball layout only, and also in row order (bound)
+def test_a_selection_handed_over_between_picks_goes_on_to_the_same_rows(
+    monkeypatch: pytest.MonkeyPatch, dim: int
+) -> None:
+    from anomalib_reconpatch.components import coreset
+
+    monkeypatch.setattr(coreset, "HANDOVER_EVERY", 32)
+    monkeypatch.setattr(coreset, "HANDOVER_LEFT", 50)
+    features = clustered_points(6000, dim, seed=dim).float()
+    whole = greedy_k_center(features, 600, ball_size=32)
+    stopped: list[coreset.Handover] = []
+    first = greedy_k_center(features, 600, ball_size=32, hand_over=stopped)
+    assert len(stopped) == 1
+    assert 0 < stopped[0].done == len(first) < 600 - 50
+    assert torch.equal(stopped[0].centre, features[first[-1]])
+    rest = greedy_k_center(features, 600, ball_size=64, resume=stopped[0])  # other balls: the same rows
+    assert torch.equal(torch.cat([first, rest]), whole)
+    with pytest.raises(ValueError, match="start=None"):
+        greedy_k_center(features, 600, start=0, resume=stopped[0])
+
+
+def test_a_quiet_cpus_selection_hands_over_from_shards_to_one_loop_once_the_balls_prune(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from anomalib_reconpatch.components import coreset
+
+    monkeypatch.setattr(coreset, "HANDOVER_EVERY", 64)
+    monkeypatch.setattr(coreset, "HANDOVER_LEFT", 100)
+    # float64: float32 has near-ties here that the shards' and one thread's rounding break either way
+    clustered = clustered_points(12288, 40, seed=9)
+    diffuse = torch.randn(8192, 64, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    with torch_threads():
+        torch.set_num_threads(1)
+        one_thread = [greedy_k_center(features, 768) for features in (clustered, diffuse)]
+    reported: list[int] = []
+    with torch_threads(), caplog.at_level("INFO", logger=coreset.__name__):
+        torch.set_num_threads(2)
+        # as the model's fit selects after training chose all threads (768 / rows is exact in binary)
+        quiet = [FastKCenterGreedy(features, 768 / len(features), threads=2) for features in (clustered, diffuse)]
+        handed_over = quiet[0].select_coreset_idxs(progress=reported.append)
+        handovers = [record.getMessage() for record in caplog.records if "one loop goes on" in record.getMessage()]
+        kept = quiet[1].select_coreset_idxs()
+    assert handed_over == one_thread[0].tolist()
+    assert len(handovers) == 1
+    assert reported[-1] == 768
+    assert reported == sorted(reported)
+    # on diffuse rows nearly every step scans every row: the shards select to the end
+    assert kept == one_thread[1].tolist()
+    assert [record.getMessage() for record in caplog.records if "one loop goes on" in record.getMessage()] == handovers
+
+
 @pytest.mark.parametrize("failing", ["a shard", "the caller"])
 def test_a_failure_in_a_shard_or_the_caller_stops_every_shard_and_is_raised(
     monkeypatch: pytest.MonkeyPatch, failing: str

@@ -19,6 +19,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -30,6 +31,9 @@ logger = logging.getLogger(__name__)
 PROGRESS_EVERY = 64  # selections between progress reports: a report costs far less than 64 selections
 SHARD_MIN_ROWS = 8192  # fewer rows are selected in well under a second: not worth a second thread
 POLL_S = 0.05  # how often the calling thread forwards the shards' progress while they select
+HANDOVER_EVERY = 256  # picks between two checks of whether the shards should hand over to one loop
+HANDOVER_WEAK = 0.1  # share of a window's steps that scan every row, below which the shards hand over
+HANDOVER_LEFT = 1024  # picks that must be left for a handover to pay for the one loop's set-up
 
 
 def _balls(features: torch.Tensor, ball_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,6 +230,22 @@ class ThreadAgreement:
         return torch.cat(self._exchange(rows))
 
 
+@dataclass
+class Handover:
+    """A selection stopped between two picks, for another loop to go on from exactly there.
+
+    Attributes:
+        done (int): Rows selected so far.
+        centre (torch.Tensor): The last selected row; its distances to the rows are not applied yet.
+        mind (torch.Tensor): Every row's squared distance to its nearest selected row but the last (0 for
+            selected rows), in row order.
+    """
+
+    done: int
+    centre: torch.Tensor
+    mind: torch.Tensor
+
+
 def on_thread_shards(
     features: torch.Tensor,
     n_select: int,
@@ -233,15 +253,16 @@ def on_thread_shards(
     ball_size: int = 256,
     generator: torch.Generator | None = None,
     progress: Callable[[int], None] | None = None,
-) -> torch.Tensor:
+    hand_over: bool = False,
+) -> tuple[torch.Tensor, Handover | None]:
     """:func:`greedy_k_center` on ``shards`` threads, each holding a part of the rows on one torch thread.
 
-    The greedy selection on a busy CPU: the threads meet once a pick, sleeping until the last one
-    arrives, where torch's own threads would meet, spinning, after each of the pick's dozen
-    operations (``docs/design/busy-cpu.md``). The selection is the one of all rows in one thread (up
-    to ties and the float rounding of equal distances), in the same order. The calling thread forwards
-    ``progress``; if it is interrupted (or a shard fails) every shard stops at its next meeting, and
-    the exception is raised here. Torch's thread count is restored.
+    The threads meet once a pick, sleeping until the last one arrives, where torch's own threads would
+    meet after each of the pick's dozen operations (spinning, which a busy CPU makes costly; see
+    ``docs/design/busy-cpu.md``). The selection is the one of all rows in one thread (up to ties and the
+    float rounding of equal distances), in the same order. The calling thread forwards ``progress``; if
+    it is interrupted (or a shard fails) every shard stops at its next meeting, and the exception is
+    raised here. Torch's thread count is restored.
 
     Args:
         features (torch.Tensor): ``N x D`` rows on the CPU, at least one per shard.
@@ -252,9 +273,13 @@ def on_thread_shards(
             index); None seeds with 0.
         progress (Callable[[int], None] | None): Called in the calling thread with the number of rows
             selected so far, now and then and once at the end.
+        hand_over (bool): Stop once the balls prune most picks (:func:`greedy_k_center`'s ``hand_over``),
+            where a pick is a few small operations and one loop beats the shards' meetings. Defaults to
+            ``False``.
 
     Returns:
-        torch.Tensor: The selected row indices (int64), in the order they were chosen.
+        tuple[torch.Tensor, Handover | None]: The selected row indices (int64), in the order they were
+        chosen, and where the shards stopped (None when they selected all ``n_select`` rows).
     """
     parts = features.tensor_split(shards)
     offsets = [0, *torch.tensor([len(part) for part in parts]).cumsum(0).tolist()[:-1]]
@@ -263,6 +288,7 @@ def on_thread_shards(
     selected: list[torch.Tensor | None] = [None] * shards
     errors: list[BaseException] = []
     reported = [0]
+    stopped: list[list[Handover]] = [[] for _ in range(shards)]
 
     def select(rank: int) -> None:
         try:
@@ -275,6 +301,7 @@ def on_thread_shards(
                     generator=torch.Generator().manual_seed(seed + rank),
                     progress=(lambda count: reported.__setitem__(0, count)) if rank == 0 else None,
                     agreement=ThreadAgreement(meeting, rank),
+                    hand_over=stopped[rank] if hand_over else None,
                 )
         except BaseException as error:  # raised in the calling thread below
             errors.append(error)
@@ -305,10 +332,15 @@ def on_thread_shards(
                     logger.error("coreset shard failed while the selection was stopped: %r", error)
     if errors:
         raise next((error for error in errors if not isinstance(error, threading.BrokenBarrierError)), errors[0])
-    if progress is not None and forwarded != n_select:
-        progress(n_select)
     rows = [iter((part + offset).tolist()) for part, offset in zip(selected, offsets, strict=True)]
-    return torch.tensor([next(rows[winner]) for winner in meeting.winners], dtype=torch.long)
+    order = torch.tensor([next(rows[winner]) for winner in meeting.winners], dtype=torch.long)
+    if progress is not None and forwarded != len(order):
+        progress(len(order))
+    if not stopped[0]:
+        return order, None
+    # every shard stopped after the same pick (their check sums the same counts), the agreed centre in hand
+    mind = torch.cat([shard[0].mind for shard in stopped])
+    return order, Handover(stopped[0][0].done, stopped[0][0].centre, mind)
 
 
 def farthest_from_mean(features: torch.Tensor, agreement: Agreement) -> tuple[int, bool, torch.Tensor]:
@@ -339,6 +371,8 @@ def greedy_k_center(
     agreement: Agreement | None = None,
     on_pick: Callable[[torch.Tensor], None] | None = None,
     threads: int | None = None,
+    resume: Handover | None = None,
+    hand_over: list[Handover] | None = None,
 ) -> torch.Tensor:
     """Select ``n_select`` rows by greedy k-center, starting at row ``start``.
 
@@ -366,10 +400,17 @@ def greedy_k_center(
             another's, in order: how a shard collects the whole coreset. Defaults to ``None``.
         threads (int | None): The thread count that a phase just before found faster (a ``ThreadChooser``'s
             ``verdict``): the set-up's products run on it and the loop starts on it. None sets up on all of
-            torch's threads and probes from the first step. 1 (a busy CPU), where torch has ``TASKS`` (2)
-            threads, with no ``agreement`` across processes, no ``start``, no ``on_pick`` and at least
-            ``SHARD_MIN_ROWS`` rows on the CPU, selects on two threads of one torch thread each, each
-            holding half the rows (:func:`on_thread_shards`), without probing. Defaults to ``None``.
+            torch's threads and probes from the first step. Where torch has ``TASKS`` (2) threads, with no
+            ``agreement`` across processes, no ``start``, no ``on_pick`` and at least ``SHARD_MIN_ROWS`` rows
+            on the CPU, a count selects on two threads of one torch thread each, each holding half the rows
+            (:func:`on_thread_shards`): 1 (a busy CPU) to the end, without probing; ``TASKS`` (a quiet one)
+            while most steps scan every row, then on all threads from where the shards stopped (``resume``).
+            Defaults to ``None``.
+        resume (Handover | None): Go on from a selection stopped there (its rows are not selected again, nor
+            returned): no start, no set-up's start point. Defaults to ``None``.
+        hand_over (list[Handover] | None): Given, every ``HANDOVER_EVERY`` steps the shards sum how many of
+            the last ones scanned every row; below ``HANDOVER_WEAK`` of them, with at least ``HANDOVER_LEFT``
+            picks left, the loop appends where it stopped here and returns. Defaults to ``None``.
 
     Returns:
         torch.Tensor: The selected row indices of this shard (int64), in the order they were chosen; with
@@ -387,15 +428,32 @@ def greedy_k_center(
         tensor([0, 2])
     """
     if (
-        threads == 1
+        threads in (1, TASKS)
         and (agreement is None or isinstance(agreement, OneShard))
         and start is None
         and on_pick is None
+        and resume is None
         and torch.get_num_threads() == TASKS
         and len(features) >= SHARD_MIN_ROWS
         and features.device.type == "cpu"
     ):
-        return on_thread_shards(features, n_select, ball_size=ball_size, generator=generator, progress=progress)
+        order, stopped = on_thread_shards(
+            features, n_select, ball_size=ball_size, generator=generator, progress=progress, hand_over=threads == TASKS
+        )
+        if stopped is None:
+            return order
+        message = "coreset: the balls prune most steps from pick %d of %d on: one loop goes on"
+        logger.info(message, stopped.done, n_select)
+        rest = greedy_k_center(
+            features,
+            n_select,
+            ball_size=ball_size,
+            generator=generator,
+            progress=progress,
+            threads=threads,
+            resume=stopped,
+        )
+        return torch.cat([order, rest])
     agreement = agreement or OneShard()
     n = int(agreement.total(torch.tensor([features.shape[0]]))[0])
     if not 0 < n_select <= n:
@@ -404,6 +462,9 @@ def greedy_k_center(
     if start is not None and not isinstance(agreement, OneShard):
         msg = "Shards cannot agree on a start index: pass start=None to start at the row farthest from the mean."
         raise ValueError(msg)
+    if start is not None and resume is not None:
+        msg = "A resumed selection has its start already: pass start=None."
+        raise ValueError(msg)
     generator = generator or torch.Generator().manual_seed(0)
     # one thread when a busy CPU makes barriers costly: for the set-up's products as for the loop's steps
     chooser = ThreadChooser(torch.get_num_threads(), start=threads)
@@ -411,7 +472,9 @@ def greedy_k_center(
         if threads is not None:
             torch.set_num_threads(threads)
         features = features.contiguous() if features.is_floating_point() else features.float()
-        if start is None:
+        if resume is not None:
+            mine, centre = False, resume.centre.to(features.dtype)
+        elif start is None:
             start, mine, centre = farthest_from_mean(features, agreement)
         else:
             mine, centre = True, features[start]
@@ -428,20 +491,27 @@ def greedy_k_center(
         slack = 1e-4 * radius.max().clamp_min(1e-6)  # guards the bound against float rounding
         # Squared distances to the nearest chosen centre; padding slots sit at -inf and never win.
         mind = torch.where(valid, math.inf, -math.inf).to(features.dtype)
-        ball_max = torch.full((n_balls,), math.inf, dtype=features.dtype)
+        if resume is not None:
+            mind[valid] = resume.mind[index[valid]].to(features.dtype)
+        ball_max = mind.amax(1)
         slot_of_row = torch.empty(features.shape[0], dtype=torch.long)
         slot_of_row[index[valid]] = valid.reshape(-1).nonzero().squeeze(1)
         flat_mind = mind.view(-1)
         # the same distances in row order, for the projected bound: kept beside the ball layout, since
         # gathering them from it would read every row's slot at every step
-        row_mind = torch.full((features.shape[0],), math.inf, dtype=features.dtype) if bound is not None else None
+        row_mind = None
+        if bound is not None:
+            row_mind = torch.full((features.shape[0],), math.inf, dtype=features.dtype)
+            if resume is not None:
+                row_mind.copy_(resume.mind)
         flat_index = index.view(-1)
         selected = [start] if mine else []
-        if on_pick is not None:
+        if on_pick is not None and resume is None:
             on_pick(centre)
-        tick, scanned = time.monotonic(), 0
-        for step in range(1, n_select):
-            count = chooser.threads(step)
+        tick, scanned, full_scans = time.monotonic(), 0, 0
+        first = 1 if resume is None else resume.done
+        for step in range(first, n_select):
+            count = chooser.threads(step - first)  # its windows count from the loop's first step
             if count != torch.get_num_threads():
                 torch.set_num_threads(count)
             step_start, cpu_start = time.perf_counter(), time.thread_time()
@@ -450,6 +520,7 @@ def greedy_k_center(
             scanned += len(active)
             centre_sq = centre @ centre
             if len(active) > n_balls // 4:  # weak pruning (early steps, few centres, diffuse data)
+                full_scans += 1
                 if bound is not None:
                     # the projected bound reads d of D columns of every row, and in full only the rows it
                     # cannot rule out
@@ -485,13 +556,26 @@ def greedy_k_center(
                 ball_max[ball] = mind[ball].amax()
             if on_pick is not None:
                 on_pick(centre)
-            chooser.record(step, time.perf_counter() - step_start, time.thread_time() - cpu_start)
+            chooser.record(step - first, time.perf_counter() - step_start, time.thread_time() - cpu_start)
             if progress is not None and (step + 1) % PROGRESS_EVERY == 0:
                 progress(step + 1)
             if time.monotonic() - tick > 10:
                 message = "coreset: %d/%d selected, %.1f of %d balls scanned per step"
-                logger.info(message, step, n_select, scanned / step, n_balls)
+                logger.info(message, step, n_select, scanned / (step + 1 - first), n_balls)
                 tick = time.monotonic()
+            if hand_over is not None and (step + 1) % HANDOVER_EVERY == 0:
+                # the same sums on every shard, so all stop after the same pick
+                window_scans, shards = agreement.total(torch.tensor([full_scans, 1.0], dtype=torch.float64)).tolist()
+                full_scans = 0
+                logger.debug(
+                    "coreset: %d of the last %d picks scanned every row", window_scans, HANDOVER_EVERY * shards
+                )
+                if window_scans < HANDOVER_WEAK * HANDOVER_EVERY * shards and n_select - step - 1 >= HANDOVER_LEFT:
+                    if row_mind is None:
+                        row_mind = torch.empty(features.shape[0], dtype=features.dtype)
+                        row_mind[index[valid]] = mind[valid]
+                    hand_over.append(Handover(step + 1, centre, row_mind))
+                    return torch.tensor(selected, dtype=torch.long)
     if progress is not None:
         progress(n_select)
     return torch.tensor(selected, dtype=torch.long)

@@ -12,9 +12,10 @@ just measured (``start``, from its ``verdict``): its one-off large products then
 and its first probe waits a period. The measurements are in ``docs/design/busy-cpu.md``.
 
 For representation training "one" means one thread for each of two tasks: the step, and the next
-batch's pseudo-labels beside it (:func:`single_threaded`), which meet once a step. For the coreset
-that follows it, where torch has two threads, it means two halves of the rows on one thread each,
-which meet once a pick (``coreset.on_thread_shards``).
+batch's pseudo-labels beside it (:func:`single_threaded`), which meet once a step. The coreset that
+follows it, where torch has two threads, starts on two halves of the rows on one thread each, which
+meet once a pick (``coreset.on_thread_shards``), after either verdict: after "one" to the end, after
+"all" until the balls prune most picks, when one loop on all threads goes on.
 
 The backbone pass over a training batch needs no choice: where torch has two threads,
 :func:`split_over_threads` runs it as two one-thread tasks on half the batch each, faster than both
