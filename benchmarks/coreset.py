@@ -14,9 +14,10 @@ patches (fast), nearly all on diffuse ones (a full scan per step).
 of on the backbone features; ``--dims 32 48`` also times our selection with each count of the projected
 bound's principal directions (and says whether it selects the same rows); ``--stock-steps 0`` skips
 anomalib's loop and the coverage radii, which take minutes on large data. ``--shards N`` times the
-selection as a fit makes it (from the row farthest from the mean), N times in turn on all of torch's
-threads (a fit whose training chose all threads) and on two shards of the rows, each selected by its own
-thread (one whose training chose one thread), and says whether the two select the same rows.
+selection as a fit makes it (from the row farthest from the mean), N times in turn three ways: one loop
+on all of torch's threads; two shards of the rows, each selected by its own thread, to the end (a fit
+whose training chose one thread); and the two shards until the balls prune most steps, then one loop on
+all threads (a fit whose training chose all threads). It says whether all three select the same rows.
 """
 
 from __future__ import annotations
@@ -94,21 +95,35 @@ def main() -> None:
         print(f"ours without the projected bound: {unbounded_s:.1f} s ({unbounded_s / ours_s:.1f}x), {same} selection")
 
     if args.shards:
-        threads = {"all threads": torch.get_num_threads(), "two shards": 1}
-        seconds: dict[str, list[float]] = {name: [] for name in threads}
+        # (threads, fewest rows to shard): all threads with sharding off, then the fit's two verdicts
+        ways = {
+            "one loop": (coreset.TASKS, len(features) + 1),
+            "two shards": (1, coreset.SHARD_MIN_ROWS),
+            "shards, then one loop": (coreset.TASKS, coreset.SHARD_MIN_ROWS),
+        }
+        seconds: dict[str, list[float]] = {name: [] for name in ways}
         chosen: dict[str, torch.Tensor] = {}
+        default = coreset.SHARD_MIN_ROWS
         for _ in range(args.shards):
-            for name, count in threads.items():
+            for name, (count, min_rows) in ways.items():
+                coreset.SHARD_MIN_ROWS = min_rows
                 start = time.perf_counter()
-                chosen[name] = greedy_k_center(features, n_select, threads=count)
+                try:
+                    chosen[name] = greedy_k_center(features, n_select, threads=count)
+                finally:
+                    coreset.SHARD_MIN_ROWS = default
                 seconds[name].append(time.perf_counter() - start)
-                print(f"fit's selection on {name}: {seconds[name][-1]:.1f} s", flush=True)
-        whole, shards = (statistics.median(seconds[name]) for name in threads)
-        same = "the same" if torch.equal(*chosen.values()) else "another"
-        print(
-            f"fit's selection, median of {args.shards}: all threads {whole:.1f} s, two shards {shards:.1f} s "
-            f"({whole / shards:.2f}x), {same} selection"
-        )
+                print(f"fit's selection, {name}: {seconds[name][-1]:.1f} s", flush=True)
+        medians = {name: statistics.median(times) for name, times in seconds.items()}
+        whole = medians["one loop"]
+        each = ", ".join(f"{name} {median:.1f} s ({whole / median:.2f}x)" for name, median in medians.items())
+        print(f"fit's selection, median of {args.shards}: {each} (one loop / each)")
+        one_loop = set(chosen["one loop"].tolist())
+        for name, rows in chosen.items():
+            if name != "one loop":  # float32 rounding can break near-ties either way, and the rest follows
+                same = "the same rows in the same order" if torch.equal(rows, chosen["one loop"]) else "another order"
+                shared = len(one_loop.intersection(rows.tolist()))
+                print(f"{name} against one loop: {same}, {shared} of {n_select} rows in both")
     if args.stock_steps == 0:
         return
     stock = KCenterGreedy(features, sampling_ratio=args.stock_steps / len(features))
