@@ -17,7 +17,8 @@ anomalib's loop and the coverage radii, which take minutes on large data. ``--sh
 selection as a fit makes it (from the row farthest from the mean), N times in turn three ways: one loop
 on all of torch's threads; two shards of the rows, each selected by its own thread, to the end (a fit
 whose training chose one thread); and the two shards until the balls prune most steps, then one loop on
-all threads (a fit whose training chose all threads). It says whether all three select the same rows.
+all threads (a fit whose training chose all threads). For each shard way it says whether it selects one
+loop's rows in one loop's order, and how many rows the two share.
 """
 
 from __future__ import annotations
