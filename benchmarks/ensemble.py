@@ -7,7 +7,8 @@ the ensemble is the mean of the standardised members, exactly as ``ReConPatchEns
 combines them. ``num_steps=0`` is the untrained ensemble, which tells the ensemble's gain from the
 training's; ``default`` trains as long as the model's default does. More rows score images otherwise,
 with the same maps: each backbone by the largest pixel of its map, and the ensemble by the largest
-standardised member score and by the largest pixel of its map. With three or more backbones, every
+standardised member score, by the largest pixel of its map and by the mean of the members' largest
+map pixels (each standardised by its training images' largest pixels). With three or more backbones, every
 pair of them is a two-backbone ensemble too, combined from the same fitted members (each member
 trains under the seed itself, whatever trained before it). Ends with a mean ± sd table over the seeds;
 ``--out`` writes it as Markdown.
@@ -94,7 +95,7 @@ def main() -> None:
     for steps in args.num_steps:
         label = "default" if steps is None else steps
         for seed in args.seeds:
-            standardised_scores, standardised_maps = [], []
+            standardised_scores, standardised_maps, standardised_peaks = [], [], []
             for backbone in args.backbones:
                 torch.manual_seed(seed)
                 start = time.perf_counter()
@@ -107,6 +108,8 @@ def main() -> None:
                 print(f"seed {seed} num_steps {label} {backbone:24s} {fmt(metrics)} {time.perf_counter() - start:.0f}s")
                 standardised_scores.append(standardise(scores, *map(torch.tensor, member.score_statistics)))
                 standardised_maps.append(standardise(maps, *map(torch.tensor, member.map_statistics)))
+                peaks = largest_pixel(maps)
+                standardised_peaks.append(standardise(peaks, *map(torch.tensor, member.peak_statistics)))
             everyone = tuple(range(len(args.backbones)))
             pairs = list(itertools.combinations(everyone, 2)) if len(everyone) > 2 else []
             for members in [everyone, *pairs]:
@@ -117,6 +120,8 @@ def main() -> None:
                 if whole:
                     combinations[" (image score: largest member score)"] = member_scores.amax(0)
                 combinations[" (image score: largest map pixel)"] = largest_pixel(ensemble_map)
+                member_peaks = torch.stack([standardised_peaks[i] for i in members])
+                combinations[" (image score: mean of members' largest map pixels)"] = member_peaks.mean(0)
                 short = short_names(args.backbones[i] for i in members)
                 label_of = f"ensemble of {len(members)}" if whole else f"ensemble of {short}"
                 for name, image_scores in combinations.items():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning
@@ -14,6 +16,7 @@ from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 
 from anomalib_reconpatch import ReConPatch, ReConPatchEnsemble
+from anomalib_reconpatch.reconpatch.anomaly_map import largest_pixel
 from anomalib_reconpatch.reconpatch.ensemble import (
     DEFAULT_BACKBONES,
     ReConPatchEnsembleModel,
@@ -82,6 +85,10 @@ def test_each_member_is_standardised_by_its_own_training_images(ensemble: tuple,
             output = member(train)
             scores = standardise(output.pred_score, ensemble_model.score_mean[index], ensemble_model.score_std[index])
             maps = standardise(output.anomaly_map, ensemble_model.map_mean[index], ensemble_model.map_std[index])
+            peak = largest_pixel(output.anomaly_map)
+            peaks = standardise(peak, ensemble_model.peak_mean[index], ensemble_model.peak_std[index])
+            assert abs(float(peaks.mean())) < 1e-3
+            assert float(peaks.std(unbiased=False)) == pytest.approx(1.0, abs=1e-3)
             assert abs(float(scores.mean())) < 1e-3
             assert float(scores.std(unbiased=False)) == pytest.approx(1.0, abs=1e-3)
             assert abs(float(maps.mean())) < 1e-3
@@ -111,14 +118,38 @@ def test_the_map_image_score_is_the_largest_pixel_of_the_same_map(ensemble: tupl
     ensemble_model, images = scratched_images(ensemble, demo_root)
     with torch.no_grad():
         by_members = ensemble_model(images)
-        ensemble_model.image_score = "map"
-        try:
+        with scoring_by(ensemble_model, "map"):
             by_map = ensemble_model(images)
-        finally:
-            ensemble_model.image_score = "members"
     assert torch.equal(by_map.anomaly_map, by_members.anomaly_map)
     assert torch.equal(by_map.pred_score, by_members.anomaly_map.flatten(1).amax(1))
     assert not torch.allclose(by_map.pred_score, by_members.pred_score)
+
+
+@contextmanager
+def scoring_by(ensemble_model: ReConPatchEnsembleModel, image_score: str) -> Iterator[None]:
+    """Score with another ``image_score`` while active (the fixture's model is shared by every test)."""
+    ensemble_model.image_score = image_score
+    try:
+        yield
+    finally:
+        ensemble_model.image_score = "members"
+
+
+def test_member_peaks_average_each_members_largest_pixel_standardised(ensemble: tuple, demo_root: Path) -> None:
+    ensemble_model, images = scratched_images(ensemble, demo_root)
+    with torch.no_grad(), scoring_by(ensemble_model, "member_peaks"):
+        by_peaks = ensemble_model(images)
+        by_hand = [
+            standardise(
+                largest_pixel(member(images).anomaly_map), ensemble_model.peak_mean[i], ensemble_model.peak_std[i]
+            )
+            for i, member in enumerate(ensemble_model.members)
+        ]
+    with torch.no_grad():
+        by_members = ensemble_model(images)
+    assert torch.allclose(by_peaks.pred_score, torch.stack(by_hand).mean(0))
+    assert torch.equal(by_peaks.anomaly_map, by_members.anomaly_map)
+    assert not torch.allclose(by_peaks.pred_score, by_members.pred_score)
 
 
 def test_the_ensemble_detects_the_demo_defects(ensemble: tuple) -> None:
@@ -144,6 +175,17 @@ def test_one_openvino_graph_matches_torch_at_any_batch(ensemble: tuple, demo_roo
     assert amap.shape == ref_map.shape == (batch, 256, 256)
     assert np.abs(score - reference.pred_score.numpy()).max() <= 1e-3
     assert np.abs(amap - ref_map).max() <= 1e-2 * max(float(ref_map.max() - ref_map.min()), 1e-6)
+
+
+def test_member_peaks_export_to_one_openvino_graph(ensemble: tuple, demo_root: Path, tmp_path: Path) -> None:
+    model = ensemble[0]
+    images = torch.cat([raw_images(demo_root, "test/good", 1), raw_images(demo_root, "test/scratch", 1)])
+    with scoring_by(model.model, "member_peaks"):
+        compiled = load_compiled_model(model.to_openvino(tmp_path))
+        with torch.no_grad():
+            reference = model(images)
+    score = compiled(images.numpy())[compiled.output("pred_score")]
+    assert np.abs(score - reference.pred_score.numpy()).max() <= 1e-3
 
 
 def test_checkpoint_round_trip_and_a_single_models_checkpoint_is_refused(ensemble: tuple, tmp_path: Path) -> None:
@@ -174,6 +216,14 @@ def test_checkpoint_round_trip_and_a_single_models_checkpoint_is_refused(ensembl
     del checkpoint["hyper_parameters"]["image_score"]
     rebuilt.on_load_checkpoint(checkpoint)
     assert rebuilt.model.image_score == rebuilt.hparams["image_score"] == "members"
+    # a checkpoint written before the member_peaks score lacks its statistics, and still loads
+    for name in ("peak_mean", "peak_std"):
+        del checkpoint["state_dict"][f"model.{name}"]
+    older = tmp_path / "older.ckpt"
+    torch.save(checkpoint, older)
+    reloaded = ReConPatchEnsemble.load_from_checkpoint(older)
+    assert torch.equal(reloaded.model.score_mean, model.model.score_mean)
+    assert torch.equal(reloaded.model.peak_std, torch.ones(len(BACKBONES)))
 
 
 def test_compare_builds_the_ensemble_on_its_own_backbones(lite_weights_all: None) -> None:

@@ -127,6 +127,7 @@ class EnsembleMember(ReConPatch):
         self.image_size: tuple[int, int] | None = None
         self.score_statistics = (0.0, 1.0)
         self.map_statistics = (0.0, 1.0)
+        self.peak_statistics = (0.0, 1.0)
 
     def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Keep the batch's patch features, and the patch grid and image size that the training scores need.
@@ -150,19 +151,21 @@ class EnsembleMember(ReConPatch):
 
     @torch.no_grad()
     def on_memory_bank(self, embedded: torch.Tensor) -> None:
-        """Score every training image against the new bank and keep the scores' and maps' mean and deviation.
+        """Score every training image against the new bank; keep its scores', maps' and map peaks' mean and deviation.
 
         Args:
             embedded (torch.Tensor): ``N x D`` training patches ``f(x)``, image by image.
         """
         height, width = self.grid
-        scores, maps = TrainingStatistics(), TrainingStatistics()
+        scores, maps, peaks = TrainingStatistics(), TrainingStatistics(), TrainingStatistics()
         for chunk in embedded.split(16 * height * width):
             output = self.model.score_embedding(chunk.reshape(-1, height, width, chunk.shape[1]), self.image_size)
             scores.add(output.pred_score)
             maps.add(output.anomaly_map)
+            peaks.add(largest_pixel(output.anomaly_map))
         self.score_statistics = scores.mean_std()
         self.map_statistics = maps.mean_std()
+        self.peak_statistics = peaks.mean_std()
 
 
 class ReConPatchEnsembleModel(nn.Module):
@@ -171,7 +174,9 @@ class ReConPatchEnsembleModel(nn.Module):
     Args:
         members (Sequence[ReConPatchModel]): The members' torch models.
         image_score (str): One of ``ENSEMBLE_IMAGE_SCORES``: ``members`` averages the members' standardised
-            image scores, ``map`` takes the largest pixel of the averaged map. Defaults to ``"members"``.
+            image scores, ``map`` takes the largest pixel of the averaged map, ``member_peaks`` averages the
+            members' largest map pixels, each standardised by its training images' largest pixels.
+            Defaults to ``"members"``.
     """
 
     def __init__(self, members: Sequence[ReConPatchModel], image_score: str = "members") -> None:
@@ -183,10 +188,14 @@ class ReConPatchEnsembleModel(nn.Module):
         self.score_std: torch.Tensor
         self.map_mean: torch.Tensor
         self.map_std: torch.Tensor
+        self.peak_mean: torch.Tensor
+        self.peak_std: torch.Tensor
         self.register_buffer("score_mean", torch.zeros(count))
         self.register_buffer("score_std", torch.ones(count))
         self.register_buffer("map_mean", torch.zeros(count))
         self.register_buffer("map_std", torch.ones(count))
+        self.register_buffer("peak_mean", torch.zeros(count))
+        self.register_buffer("peak_std", torch.ones(count))
         self.convolution_search = False
 
     def train(self, mode: bool = True) -> ReConPatchEnsembleModel:
@@ -254,7 +263,11 @@ class ReConPatchEnsembleModel(nn.Module):
         scores, maps = [], []
         for index, member in enumerate(self.members):
             output = member(images)
-            scores.append(standardise(output.pred_score, self.score_mean[index], self.score_std[index]))
+            if self.image_score == "member_peaks":
+                peak = largest_pixel(output.anomaly_map)
+                scores.append(standardise(peak, self.peak_mean[index], self.peak_std[index]))
+            else:
+                scores.append(standardise(output.pred_score, self.score_mean[index], self.score_std[index]))
             maps.append(standardise(output.anomaly_map, self.map_mean[index], self.map_std[index]))
         anomaly_map = torch.stack(maps).mean(0)
         pred_score = largest_pixel(anomaly_map) if self.image_score == "map" else torch.stack(scores).mean(0)
@@ -296,7 +309,8 @@ class ReConPatchEnsemble(ReConPatch, AnomalibModule):
         feature_memory_mb (int | None): Most megabytes of training features held in RAM by all members
             together (each gets an equal share); ``null`` never spills. Defaults to ``2048``.
         image_score (str): How an image is scored: ``members`` (the mean of the members' standardised image
-            scores) or ``map`` (the largest pixel of the ensemble's map). Defaults to ``"members"``.
+            scores), ``map`` (the largest pixel of the ensemble's map) or ``member_peaks`` (the mean of the
+            members' largest map pixels, each standardised by its training images'). Defaults to ``"members"``.
         pre_processor (nn.Module | bool): Pre-processor instance or flag. Defaults to ``True``.
         post_processor (nn.Module | bool): Post-processor instance or flag. Defaults to ``True``.
         evaluator (Evaluator | bool): Evaluator instance or flag. Defaults to ``True``.
@@ -401,6 +415,7 @@ class ReConPatchEnsemble(ReConPatch, AnomalibModule):
             with torch.no_grad():
                 self.model.score_mean[index], self.model.score_std[index] = member.score_statistics
                 self.model.map_mean[index], self.model.map_std[index] = member.map_statistics
+                self.model.peak_mean[index], self.model.peak_std[index] = member.peak_statistics
         self.fit_timings = {"features_s": features_s, **totals}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -438,6 +453,10 @@ class ReConPatchEnsemble(ReConPatch, AnomalibModule):
             )
             raise ValueError(msg)
         check_image_score_matches(self, checkpoint, before="members")
+        # Checkpoints from before ``member_peaks`` lack its statistics, which their image scores never read.
+        state = checkpoint.get("state_dict", {})
+        for name in ("peak_mean", "peak_std"):
+            state.setdefault(f"model.{name}", getattr(self.model, name).clone())
         AnomalibModule.on_load_checkpoint(self, checkpoint)
 
     def architecture(self) -> dict[str, Any]:

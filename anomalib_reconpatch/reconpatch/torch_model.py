@@ -55,9 +55,10 @@ IMAGE_SCORES = ("patches", "map")
 """How a single model scores an image: PatchCore's re-weighted largest patch distance, or the largest pixel
 of its anomaly map (measured in ``docs/design/image-score.md``)."""
 
-ENSEMBLE_IMAGE_SCORES = ("members", "map")
-"""How an ensemble of these models scores an image: the mean of its members' standardised image scores, or
-the largest pixel of its averaged map (measured in ``docs/design/ensemble.md``)."""
+ENSEMBLE_IMAGE_SCORES = ("members", "map", "member_peaks")
+"""How an ensemble of these models scores an image: the mean of its members' standardised image scores, the
+largest pixel of its averaged map, or the mean of its members' largest map pixels, each standardised by its
+training images' largest pixels (measured in ``docs/design/ensemble.md``)."""
 
 
 class FullFloat32Switch:

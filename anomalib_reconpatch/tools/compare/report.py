@@ -287,6 +287,7 @@ def image_score_note(settings: CompareSettings) -> str:
         "map": "the largest pixel of its anomaly map",
         "patches": "its largest patch distance, re-weighted as in PatchCore",
         "members": "the mean of its members' standardised PatchCore scores",
+        "member_peaks": "the mean of its members' standardised largest map pixels",
     }
     classes = {"ReConPatch": ReConPatch, "ReConPatchEnsemble": ReConPatchEnsemble}
     parts = []
